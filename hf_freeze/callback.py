@@ -1,0 +1,181 @@
+"""`FreezeCallback`: a drop-in `TrainerCallback` that freezes converged blocks as a growing prefix.
+
+It only translates Trainer events into calls: gradient norms go to the policy in `on_pre_optimizer_step` (where
+they are unscaled and all-reduced), decisions are taken in `on_step_end` and applied with `freeze_prefix`, and the
+policy's state and the freeze timeline travel in `trainer.state` (and therefore in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from .config import FreezeConfig
+from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
+from .optim import release_parameters
+from .policy import FreezeDecision, FreezePolicy, Progress, build_policy
+from .signals import unit_gradient_norms
+
+logger = logging.getLogger(__name__)
+
+
+class FreezeCallback(TrainerCallback, ExportableState):
+    """Freeze the embeddings and the front blocks of the model as they converge.
+
+    Args:
+        config (`FreezeConfig` or `dict`, *optional*): the policy and its knobs; defaults to `FreezeConfig()`
+            (the `gradnorm` policy).
+
+    Each freeze is logged as `freeze/boundary` and friends through the Trainer's logs, written to the Python
+    logger, and appended to `timeline`, which is also kept in `trainer.state.stateful_callbacks["FreezeCallback"]`
+    and therefore in checkpoints; `trainer.train(resume_from_checkpoint=...)` restores the boundary and the policy.
+
+    Reporting integrations (TensorBoard, W&B, ...) see the `freeze/*` metrics when this callback runs before them;
+    `Trainer` puts user callbacks after its integrations, so either use `FreezeTrainer` (which does it for you) or
+    read the freezes from `trainer.state.log_history` / `callback.timeline`.
+
+    Example:
+        ```python
+        from hf_freeze import FreezeCallback, FreezeConfig
+
+        trainer = Trainer(model, args, train_dataset=train, callbacks=[FreezeCallback(FreezeConfig(policy="gradnorm"))])
+        trainer.train()
+        ```
+    """
+
+    def __init__(self, config: FreezeConfig | dict[str, Any] | None = None) -> None:
+        if isinstance(config, dict):
+            config = FreezeConfig.from_dict(config)
+        self.config = config or FreezeConfig()
+        self.timeline: list[dict[str, Any]] = []
+        self.policy: FreezePolicy | None = None
+        self._model: torch.nn.Module | None = None
+        self._pending_logs: dict[str, float] = {}
+        self._train_start = time.perf_counter()
+
+    # ---- Trainer events ----
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model, optimizer = kwargs["model"], kwargs.get("optimizer")
+        self._model = model
+        self._train_start = time.perf_counter()
+        layout = get_layout(model, self.config.blocks_path)
+        self.policy = build_policy(self.config, layout.num_blocks)
+        _check_data_parallel(args, model)
+        self._restore(state, model, optimizer)
+        if optimizer is not None and frozen_boundary(model) is not None:
+            release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
+        self._maybe_freeze(args, state, control, model, optimizer)
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.policy is not None and self.policy.needs_gradient_norms:
+            layout = get_layout(kwargs["model"])
+            self.policy.observe(unit_gradient_norms(layout, frozen_boundary(kwargs["model"])))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"))
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if logs is not None:
+            logs.update(self.pop_pending_logs())
+
+    # ---- state ----
+
+    def state(self) -> dict[str, Any]:
+        """What `Trainer` stores in checkpoints (`ExportableState`)."""
+        return {
+            "args": {"config": self.config.to_dict()},
+            "attributes": {
+                "timeline": list(self.timeline),
+                "boundary": None if self._model is None else frozen_boundary(self._model),
+                "policy_state": None if self.policy is None else self.policy.state_dict(),
+            },
+        }
+
+    def pop_pending_logs(self) -> dict[str, float]:
+        """Metrics of freezes not yet logged (the `Trainer` subclass merges them into its own logs)."""
+        logs, self._pending_logs = self._pending_logs, {}
+        return logs
+
+    # ---- internals ----
+
+    def _restore(self, state: TrainerState, model: torch.nn.Module, optimizer) -> None:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        attributes = (saved or {}).get("attributes", {})
+        if attributes.get("policy_state") is not None:
+            self.policy.load_state_dict(attributes["policy_state"])
+        self.timeline = list(attributes.get("timeline", self.timeline))
+        boundary = attributes.get("boundary")
+        current = frozen_boundary(model)
+        if boundary is not None and (current is None or current < boundary):
+            freeze_prefix(model, boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
+            logger.info("hf_freeze: restored boundary %d from the checkpoint.", boundary)
+
+    def _maybe_freeze(self, args, state: TrainerState, control: TrainerControl, model, optimizer) -> None:
+        progress = Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0)
+        decision = self.policy.decide(progress, frozen_boundary(model))
+        if self.policy.is_decision_step(progress) or state.global_step == 0:
+            decision = _same_on_every_rank(decision)
+        if decision is None:
+            return
+        result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
+        self._record(decision, result, state, progress)
+        control.should_log = control.should_log or state.global_step > 0
+
+    def _record(self, decision: FreezeDecision, result, state: TrainerState, progress: Progress) -> None:
+        event = {
+            "step": progress.step,
+            "epoch": round(progress.epoch, 4),
+            "seconds": round(time.perf_counter() - self._train_start, 3),
+            "boundary": result.boundary,
+            "previous_boundary": result.previous_boundary,
+            "frozen_parameters": result.newly_frozen_parameters,
+            "optimizer_bytes_released": result.optimizer_bytes_released,
+            "reason": decision.reason,
+            "signal": decision.signal,
+        }
+        self.timeline.append(event)
+        self._pending_logs.update(
+            {
+                "freeze/boundary": float(result.boundary),
+                "freeze/frozen_parameters": float(sum(e["frozen_parameters"] for e in self.timeline)),
+                "freeze/optimizer_bytes_released": float(result.optimizer_bytes_released),
+            }
+        )
+        if isinstance(state.stateful_callbacks, dict) and type(self).__name__ in state.stateful_callbacks:
+            state.stateful_callbacks[type(self).__name__] = self.state()
+        previous = "nothing" if result.previous_boundary is None else f"boundary {result.previous_boundary}"
+        logger.info(
+            "hf_freeze: step %d (epoch %.2f): froze the embeddings and blocks [0, %d) (was %s): %s",
+            progress.step, progress.epoch, result.boundary, previous, decision.reason,
+        )
+
+
+def _same_on_every_rank(decision: FreezeDecision | None) -> FreezeDecision | None:
+    """Rank 0's decision, so that data-parallel replicas never disagree on the frozen prefix."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return decision
+    if torch.distributed.get_world_size() == 1:
+        return decision
+    holder = [decision]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _check_data_parallel(args: TrainingArguments, model: torch.nn.Module) -> None:
+    """DDP must tolerate parameters that stop receiving gradients, or the first step after a freeze hangs."""
+    if args.world_size <= 1 or args.ddp_find_unused_parameters:
+        return
+    checkpointing = bool(getattr(model, "is_activation_checkpointing", False)) or bool(args.activation_checkpointing)
+    if args.ddp_find_unused_parameters is False or checkpointing:
+        raise ValueError(
+            "Freezing blocks during a DistributedDataParallel run needs `find_unused_parameters=True` (frozen "
+            "parameters stop receiving gradients). Set `TrainingArguments(ddp_find_unused_parameters=True)`."
+        )

@@ -1,0 +1,178 @@
+"""`FreezeConfig`: which policy decides when to freeze, its knobs, and the prefix cache's knobs.
+
+The dataclass doubles as a command-line schema: `transformers.HfArgumentParser(FreezeConfig)` turns every field
+into a `--flag` with the help text below, which is how the recipes expose it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+POLICY_NAMES = ("gradnorm", "schedule", "fixed")
+SCHEDULE_KINDS = ("geometric", "linear")
+TIED_WEIGHTS_MODES = ("untie", "freeze")
+CACHE_MODES = ("auto", "on", "off")
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
+STALE_CACHE_MODES = ("rebuild", "error")
+
+
+@dataclass
+class FreezeConfig:
+    """What decides the frozen prefix, and how the prefix cache behaves.
+
+    The boundary `k` means: the embeddings and blocks `[0, k)` are frozen. Policies only move it forward.
+
+    Example:
+        ```python
+        from hf_freeze import FreezeCallback, FreezeConfig
+
+        config = FreezeConfig(policy="gradnorm", interval=0.05, percentile=50)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[FreezeCallback(config)])
+        ```
+    """
+
+    policy: str = field(
+        default="gradnorm",
+        metadata={"help": f"When to freeze: one of {POLICY_NAMES}.", "choices": POLICY_NAMES},
+    )
+    interval: float = field(
+        default=0.05,
+        metadata={
+            "help": "Fraction of the run's optimizer steps between two freeze decisions (gradnorm: also the window "
+            "over which gradient norms are accumulated). 0.05 means 20 decisions per run."
+        },
+    )
+    interval_steps: int | None = field(
+        default=None, metadata={"help": "The decision interval in optimizer steps; overrides `interval`."}
+    )
+    percentile: float = field(
+        default=50.0,
+        metadata={
+            "help": "gradnorm: a block is converged when the relative change of its gradient norm between two "
+            "intervals is below this percentile of the changes of all active blocks (0-100)."
+        },
+    )
+    freeze_start: float = field(
+        default=0.0,
+        metadata={"help": "No policy freezes before this fraction of training (0-1); `fixed` ignores it."},
+    )
+    schedule: str = field(
+        default="geometric",
+        metadata={
+            "help": f"schedule policy: one of {SCHEDULE_KINDS}. geometric freezes `schedule_fraction` of the "
+            "remaining freezable blocks every interval (PipeTransformer); linear grows the frozen fraction "
+            "linearly from `freeze_start` to `freeze_level` at the end of training (Composer).",
+            "choices": SCHEDULE_KINDS,
+        },
+    )
+    schedule_fraction: float = field(
+        default=1 / 3, metadata={"help": "geometric schedule: fraction of the remaining blocks frozen per interval."}
+    )
+    freeze_level: float = field(
+        default=1.0, metadata={"help": "linear schedule: fraction of the freezable blocks frozen at the end (0-1)."}
+    )
+    boundary: int | None = field(
+        default=None, metadata={"help": "fixed policy: freeze the embeddings and this many blocks from the start."}
+    )
+    max_boundary: int | None = field(
+        default=None,
+        metadata={
+            "help": "The most blocks an automatic policy may freeze. Default: all but the last block. Set it to the "
+            "number of blocks to allow training only the head."
+        },
+    )
+    tied_weights: str = field(
+        default="untie",
+        metadata={
+            "help": "A parameter shared by a frozen module and a trainable one (an lm_head tied to the input "
+            "embeddings): 'untie' gives the frozen module its own copy so the head keeps training; 'freeze' "
+            "freezes it for both.",
+            "choices": TIED_WEIGHTS_MODES,
+        },
+    )
+    blocks_path: str | None = field(
+        default=None,
+        metadata={"help": "Dotted path of the transformer blocks' ModuleList when automatic detection fails."},
+    )
+    # ---- prefix cache (FreezeTrainer only) ----
+    cache: str = field(
+        default="auto",
+        metadata={
+            "help": "Prefix cache: 'auto' turns it on when reading a cached state is measured to be cheaper than "
+            "recomputing the frozen prefix; 'on' always; 'off' never.",
+            "choices": CACHE_MODES,
+        },
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Keep the cache on disk (memory-mapped) in this folder; default: in memory."}
+    )
+    cache_max_bytes: int = field(
+        default=4 * 2**30, metadata={"help": "Byte budget of the cache; examples that do not fit are recomputed."}
+    )
+    cache_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": f"Storage precision of cached states, one of {CACHE_DTYPES}. float32 is exact; the 16-bit "
+            "types halve the bytes and round the states.",
+            "choices": CACHE_DTYPES,
+        },
+    )
+    cache_eval: bool = field(default=True, metadata={"help": "Also cache the boundary states of evaluation examples."})
+    on_stale_cache: str = field(
+        default="rebuild",
+        metadata={
+            "help": "A cache_dir written by another model or other frozen weights: 'rebuild' empties it, 'error' "
+            "refuses to start.",
+            "choices": STALE_CACHE_MODES,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("policy", self.policy, POLICY_NAMES)
+        _check_choice("schedule", self.schedule, SCHEDULE_KINDS)
+        _check_choice("tied_weights", self.tied_weights, TIED_WEIGHTS_MODES)
+        _check_choice("cache", self.cache, CACHE_MODES)
+        _check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        _check_choice("on_stale_cache", self.on_stale_cache, STALE_CACHE_MODES)
+        if not 0 < self.interval <= 1:
+            raise ValueError(f"`interval` is a fraction of training in (0, 1], got {self.interval}.")
+        if self.interval_steps is not None and self.interval_steps < 1:
+            raise ValueError(f"`interval_steps` must be at least 1, got {self.interval_steps}.")
+        if not 0 <= self.percentile <= 100:
+            raise ValueError(f"`percentile` must be between 0 and 100, got {self.percentile}.")
+        if not 0 <= self.freeze_start < 1:
+            raise ValueError(f"`freeze_start` is a fraction of training in [0, 1), got {self.freeze_start}.")
+        if not 0 < self.schedule_fraction <= 1:
+            raise ValueError(f"`schedule_fraction` must be in (0, 1], got {self.schedule_fraction}.")
+        if not 0 <= self.freeze_level <= 1:
+            raise ValueError(f"`freeze_level` must be in [0, 1], got {self.freeze_level}.")
+        if self.policy == "fixed" and self.boundary is None:
+            raise ValueError("policy='fixed' needs `boundary`: the number of blocks to freeze from the start.")
+        for name in ("boundary", "max_boundary"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"`{name}` counts frozen blocks and cannot be negative, got {value}.")
+        if self.cache_max_bytes <= 0:
+            raise ValueError(
+                f"`cache_max_bytes` must be positive, got {self.cache_max_bytes}; use cache='off' to disable the cache."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy, the form stored in checkpoints and model cards."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FreezeConfig:
+        """Build a config from `to_dict()` output; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown FreezeConfig fields {unknown}; valid fields are {sorted(known)}.")
+        return cls(**values)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")

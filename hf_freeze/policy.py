@@ -1,0 +1,232 @@
+"""When to freeze: policies that turn training progress (and per-block signals) into a new boundary.
+
+Policies count *units* in forward order: unit 0 is the embeddings, unit `i + 1` is block `i`. Freezing `u` units
+means boundary `u - 1` (the embeddings and blocks `[0, u - 1)`). A policy never moves the boundary back and never
+freezes past `max_boundary` (by default every block but the last, so a policy never freezes the whole encoder
+unless the user asks). Policies touch no model: the callback feeds them numbers and applies their decisions.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .config import FreezeConfig
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: optimizer steps completed out of `max_steps`, and the fractional epoch."""
+
+    step: int
+    max_steps: int
+    epoch: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.step / max(self.max_steps, 1)
+
+
+@dataclass(frozen=True)
+class FreezeDecision:
+    """A policy's verdict: move the boundary to `boundary`, because `reason`, as measured by `signal`."""
+
+    boundary: int
+    reason: str
+    signal: dict[str, float] = field(default_factory=dict)
+
+
+class FreezePolicy(ABC):
+    """Decides when the next blocks are frozen.
+
+    Subclasses set `name`, implement `decide`, and, if they need per-unit gradient norms, set
+    `needs_gradient_norms = True` and implement `observe`.
+    """
+
+    name: ClassVar[str]
+    needs_gradient_norms: ClassVar[bool] = False
+
+    def __init__(self, config: FreezeConfig, num_blocks: int) -> None:
+        self.config = config
+        self.num_blocks = num_blocks
+        self.max_boundary = resolve_max_boundary(config, num_blocks)
+
+    def observe(self, unit_norms: Sequence[float | None]) -> None:
+        """Record one optimizer step's gradient norm per unit (`None` for frozen units)."""
+
+    @abstractmethod
+    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+        """The new boundary after the step `progress.step`, or `None` to keep the current one."""
+
+    def interval_steps(self, max_steps: int) -> int:
+        """Optimizer steps between two decisions."""
+        if self.config.interval_steps is not None:
+            return self.config.interval_steps
+        return max(1, round(self.config.interval * max_steps))
+
+    def is_decision_step(self, progress: Progress) -> bool:
+        return progress.step > 0 and progress.step % self.interval_steps(progress.max_steps) == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state, saved in checkpoints so a resumed run decides exactly as an unbroken one."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    @property
+    def max_units(self) -> int:
+        return self.max_boundary + 1
+
+
+class FixedPolicy(FreezePolicy):
+    """Freeze `config.boundary` blocks (and the embeddings) before the first step: the common manual practice."""
+
+    name = "fixed"
+
+    def __init__(self, config: FreezeConfig, num_blocks: int) -> None:
+        super().__init__(config, num_blocks)
+        assert config.boundary is not None  # FreezeConfig guarantees it for policy="fixed"
+        if config.boundary > num_blocks:
+            raise ValueError(
+                f"`boundary={config.boundary}` is past the last block: the model has {num_blocks} blocks. Use a "
+                f"boundary between 0 and {num_blocks}."
+            )
+        self.max_boundary = config.boundary
+
+    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+        if boundary is not None and boundary >= self.max_boundary:
+            return None
+        return FreezeDecision(self.max_boundary, f"fixed: freeze {self.max_boundary} blocks from the start")
+
+
+class SchedulePolicy(FreezePolicy):
+    """A deterministic schedule by training progress.
+
+    - `geometric` (PipeTransformer): every interval, freeze `schedule_fraction` of the remaining freezable units
+      (at least one).
+    - `linear` (Composer): the frozen fraction of the freezable units grows linearly from 0 at `freeze_start` to
+      `freeze_level` at the end of training.
+    """
+
+    name = "schedule"
+
+    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+        if not self.is_decision_step(progress) or progress.fraction < self.config.freeze_start:
+            return None
+        frozen = units_of(boundary)
+        if self.config.schedule == "geometric":
+            target = frozen + math.ceil(self.config.schedule_fraction * (self.max_units - frozen))
+        else:
+            ramp = (progress.fraction - self.config.freeze_start) / (1 - self.config.freeze_start)
+            target = math.floor(self.config.freeze_level * self.max_units * min(ramp, 1.0) + 1e-9)
+        target = min(target, self.max_units)
+        if target <= frozen:
+            return None
+        return FreezeDecision(
+            target - 1,
+            f"schedule ({self.config.schedule}) at {progress.fraction:.0%} of training",
+            {"progress": progress.fraction},
+        )
+
+
+class GradNormPolicy(FreezePolicy):
+    """AutoFreeze-style: freeze the front units whose gradient norm has stopped changing.
+
+    Per-unit gradient norms are averaged over each interval. At the end of an interval, each active unit's
+    relative change from the previous interval is compared with the `percentile`-th percentile of the changes of
+    all active units; the longest run of units below it, starting at the current boundary, is frozen.
+    """
+
+    name = "gradnorm"
+    needs_gradient_norms = True
+
+    def __init__(self, config: FreezeConfig, num_blocks: int) -> None:
+        super().__init__(config, num_blocks)
+        units = num_blocks + 1
+        self.window_sum = [0.0] * units
+        self.window_steps = 0
+        self.previous_mean: list[float] | None = None
+
+    def observe(self, unit_norms: Sequence[float | None]) -> None:
+        for unit, norm in enumerate(unit_norms):
+            if norm is not None:
+                self.window_sum[unit] += norm
+        self.window_steps += 1
+
+    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+        if not self.is_decision_step(progress) or self.window_steps == 0:
+            return None
+        mean = [s / self.window_steps for s in self.window_sum]
+        previous, self.previous_mean = self.previous_mean, mean
+        self.window_sum, self.window_steps = [0.0] * len(mean), 0
+        if previous is None or progress.fraction < self.config.freeze_start:
+            return None
+        frozen = units_of(boundary)
+        changes = [abs(m - p) / max(p, 1e-12) for m, p in zip(mean, previous)]
+        threshold = percentile(changes[frozen:], self.config.percentile)
+        target = frozen
+        while target < self.max_units and changes[target] < threshold:
+            target += 1
+        if target == frozen:
+            return None
+        signal = {f"change/unit{u}": changes[u] for u in range(frozen, target)}
+        signal["threshold"] = threshold
+        return FreezeDecision(
+            target - 1,
+            f"gradnorm: gradient-norm change of units {frozen}..{target - 1} below the "
+            f"{self.config.percentile:g}th percentile ({threshold:.3g}) of active units",
+            signal,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "window_sum": list(self.window_sum),
+            "window_steps": self.window_steps,
+            "previous_mean": None if self.previous_mean is None else list(self.previous_mean),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.window_sum = list(state["window_sum"])
+        self.window_steps = int(state["window_steps"])
+        self.previous_mean = None if state["previous_mean"] is None else list(state["previous_mean"])
+
+
+POLICIES: dict[str, type[FreezePolicy]] = {p.name: p for p in (GradNormPolicy, SchedulePolicy, FixedPolicy)}
+
+
+def build_policy(config: FreezeConfig, num_blocks: int) -> FreezePolicy:
+    """The policy `config.policy` names, for a model with `num_blocks` blocks."""
+    if config.policy not in POLICIES:
+        raise ValueError(f"Unknown freeze policy {config.policy!r}; choose one of {sorted(POLICIES)}.")
+    return POLICIES[config.policy](config, num_blocks)
+
+
+def resolve_max_boundary(config: FreezeConfig, num_blocks: int) -> int:
+    """`config.max_boundary`, defaulting to all blocks but the last, checked against the model."""
+    if config.max_boundary is None:
+        return max(num_blocks - 1, 0)
+    if config.max_boundary > num_blocks:
+        raise ValueError(
+            f"`max_boundary={config.max_boundary}` is past the last block: the model has {num_blocks} blocks. Use "
+            f"at most {num_blocks} (which leaves only the head training)."
+        )
+    return config.max_boundary
+
+
+def units_of(boundary: int | None) -> int:
+    """Number of frozen units at `boundary` (embeddings count as one)."""
+    return 0 if boundary is None else boundary + 1
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile with linear interpolation (numpy's default), without numpy."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)

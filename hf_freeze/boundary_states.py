@@ -163,10 +163,11 @@ def _rows(inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
     if rows == list(range(batch)):
         return dict(inputs)
     index = torch.tensor(rows)
-    return {
-        k: v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
-        for k, v in inputs.items()
-    }
+    def select(value: Any) -> Any:
+        is_batched = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+        return value.index_select(0, index.to(value.device)) if is_batched else value
+
+    return {k: select(v) for k, v in inputs.items()}
 
 
 def _pad(

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import write_text_atomic
 from .layout import BlockLayout
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,8 @@ class PrefixCache:
 def model_fingerprint(model: nn.Module, layout: BlockLayout, dtype: str) -> str:
     """Hash of what, besides weights, decides the prefix's output: class, config, attention kernel, layout."""
     config = getattr(model, "config", None)
-    values = {k: v for k, v in (config.to_dict() if config is not None else {}).items() if k not in _CONFIG_KEYS_IGNORED}
+    config_values = config.to_dict() if config is not None else {}
+    values = {k: v for k, v in config_values.items() if k not in _CONFIG_KEYS_IGNORED}
     description = {
         "class": type(model).__name__,
         "config": values,
@@ -338,8 +339,8 @@ class _DiskStore(_Store):
     def flush(self, manifest: dict[str, Any]) -> None:
         os.fsync(self._fd)
         entries = {str(k): v for k, v in self.index.items()}
-        _write_json_atomic(self.directory / INDEX_NAME, {"data_end": self.data_end, "entries": entries})
-        _write_json_atomic(self.directory / MANIFEST_NAME, manifest)
+        write_text_atomic(self.directory / INDEX_NAME, json.dumps({"data_end": self.data_end, "entries": entries}))
+        write_text_atomic(self.directory / MANIFEST_NAME, json.dumps(manifest))
 
     @property
     def nbytes(self) -> int:
@@ -377,20 +378,6 @@ def _read_existing(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
     if manifest.get("format") != FORMAT_VERSION:
         return None, f"it uses cache format {manifest.get('format')}, this hf_freeze writes {FORMAT_VERSION}"
     return {"manifest": manifest, "index": index}, None
-
-
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync it, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:

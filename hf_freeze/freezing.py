@@ -166,6 +166,12 @@ def frozen_parameters(model: nn.Module) -> list[nn.Parameter]:
     return _unique_parameters(get_layout(model).prefix_modules(boundary))
 
 
+def untied_parameters(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that were untied from the frozen prefix (e.g. `lm_head.weight`)."""
+    state = getattr(model, _STATE_ATTR, None)
+    return [] if state is None else list(state.untied)
+
+
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     seen: dict[int, nn.Parameter] = {}
     for module in modules:

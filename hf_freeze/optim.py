@@ -90,9 +90,8 @@ def _import_full_layout(optimizer: torch.optim.Optimizer, state_dict: dict[str, 
     for saved, full in zip(state_dict["param_groups"], full_groups):
         saved_ids.update({id(p): i for p, i in zip(full, saved["params"])})
     current = _ids_in_order(group["params"] for group in optimizer.param_groups)
-    state = {
-        new: state_dict["state"][saved_ids[key]] for key, new in current.items() if saved_ids[key] in state_dict["state"]
-    }
+    saved_state = state_dict["state"]
+    state = {new: saved_state[saved_ids[key]] for key, new in current.items() if saved_ids[key] in saved_state}
     groups = []
     for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
         groups.append({**saved, "params": [current[id(p)] for p in group["params"]]})

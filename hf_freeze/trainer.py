@@ -26,8 +26,9 @@ from .boundary_states import BoundaryStates
 from .cache import PrefixCache
 from .callback import FreezeCallback
 from .config import FreezeConfig
-from .freezing import frozen_boundary, get_layout
+from .freezing import frozen_boundary, get_layout, untied_parameters
 from .keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
+from .model_card import append_to_model_card, render_freeze_section
 from .prefix import PrefixRunner
 
 logger = logging.getLogger(__name__)
@@ -183,6 +184,34 @@ class FreezeTrainer(Trainer):
                 provider.states_for(self._prepare_inputs(batch), keys, boundary, store=True)
         provider.cache.flush()
         return len(provider.cache)
+
+    # ---- model card ----
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """`Trainer.create_model_card`, plus a section recording what was frozen, when and why."""
+        super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            append_to_model_card(os.path.join(self.args.output_dir, "README.md"), self.freeze_model_card_section())
+
+    def freeze_model_card_section(self) -> str:
+        """Markdown describing this run's policy, final boundary and freeze timeline."""
+        layout = get_layout(self.model, self.freeze_config.blocks_path)
+        cache_summary = None
+        if self.boundary_states is not None:
+            stats = self.boundary_states.stats
+            cache_summary = (
+                f"{self.freeze_config.cache}, {self.freeze_config.cache_dtype}; {stats.hits} hits, {stats.advanced} "
+                f"advanced, {stats.misses} misses; about {stats.saved_seconds():.0f} s of prefix compute saved"
+            )
+        return render_freeze_section(
+            self.freeze_config,
+            self.freeze_callback.timeline,
+            num_blocks=layout.num_blocks,
+            blocks_path=layout.blocks_path,
+            boundary=frozen_boundary(self.model),
+            untied=untied_parameters(self.model),
+            cache_summary=cache_summary,
+        )
 
     # ---- logging ----
 

@@ -1,0 +1,61 @@
+"""Datasets for the recipes: a Hub name, local csv/json/text files, or the packaged offline defaults.
+
+- `"rotten_tomatoes"`: the packaged Rotten Tomatoes snippets (`hf_freeze.assets`), text + label.
+- `"hamlet"`: the packaged Hamlet text, one example per non-empty line.
+- a path ending in .csv/.json/.jsonl/.txt (or several, comma-separated): `datasets.load_dataset(<format>, ...)`.
+- anything else: `datasets.load_dataset(name)` from the Hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+from hf_freeze import assets
+
+_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
+
+
+def load_raw(spec: str, seed: int = 0, test_fraction: float = 0.2) -> datasets.DatasetDict:
+    """A `DatasetDict` with `train` and `test` splits for a dataset spec (see module docstring)."""
+    if spec == "rotten_tomatoes":
+        return assets.rotten_tomatoes(test_fraction=test_fraction, seed=seed)
+    if spec == "hamlet":
+        data = datasets.load_dataset("text", data_files=str(assets.hamlet_path()), split="train")
+        data = data.filter(lambda row: bool(row["text"].strip()))
+        return data.train_test_split(test_size=test_fraction, seed=seed)
+    files = spec.split(",")
+    suffix = Path(files[0]).suffix
+    if suffix in _FORMATS and all(Path(f).exists() for f in files):
+        loaded = datasets.load_dataset(_FORMATS[suffix], data_files=files)
+    else:
+        loaded = datasets.load_dataset(spec)
+    if "test" not in loaded:
+        loaded = loaded["train"].train_test_split(test_size=test_fraction, seed=seed)
+    return loaded
+
+
+def classification_data(spec: str, tokenizer, text_column: str = "text", label_column: str = "label",
+                        max_length: int = 128, seed: int = 0) -> datasets.DatasetDict:
+    """Tokenized `input_ids`/`attention_mask`/`labels`, unpadded (the collator pads each batch)."""
+    raw = load_raw(spec, seed=seed)
+
+    def tokenize(batch):
+        encoded = tokenizer(batch[text_column], truncation=True, max_length=max_length)
+        encoded["labels"] = batch[label_column]
+        return encoded
+
+    return raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
+
+
+def causal_lm_data(spec: str, tokenizer, text_column: str = "text", max_length: int = 128,
+                   seed: int = 0) -> datasets.DatasetDict:
+    """Tokenized text examples for causal-LM fine-tuning, one example per text (truncated, unpadded)."""
+    raw = load_raw(spec, seed=seed)
+
+    def tokenize(batch):
+        return tokenizer(batch[text_column], truncation=True, max_length=max_length)
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="tokenizing")
+    return tokenized.filter(lambda row: len(row["input_ids"]) > 1)

@@ -1,0 +1,107 @@
+"""Fine-tune a sequence classifier with hf_freeze, and report what freezing gained.
+
+    accelerate launch --config_file recipes/configs/cpu.yaml recipes/text_classification.py \\
+        --model_name_or_path minilm --dataset rotten_tomatoes --output_dir outputs/minilm-rotten-tomatoes
+
+Every `FreezeConfig` field (`--policy gradnorm`, `--cache auto`, ...) and every `TrainingArguments` field
+(`--learning_rate`, `--push_to_hub`, ...) is a flag. `--method` picks what to run: `freeze_cache` (FreezeTrainer,
+the default), `freeze` (Trainer + FreezeCallback, no cache) or `full` (plain fine-tuning, the baseline).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, assets
+from hf_freeze.metrics import load_metric
+from hf_freeze.report import StepTimerCallback
+from recipes.common import ScriptArguments, measure_full_step, setup_logging, summarize
+from recipes.data import classification_data
+
+DEFAULTS = {
+    "output_dir": "outputs/text_classification",
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "learning_rate": 5e-5,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "report_to": "none",
+    "seed": 42,
+}
+
+
+@dataclass
+class ClassificationArguments(ScriptArguments):
+    model_name_or_path: str = field(default="minilm", metadata={"help": "minilm | mpnet | a path | a Hub name"})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | files | a Hub name"})
+    text_column: str = field(default="text", metadata={"help": "Column with the text."})
+    label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ClassificationArguments, FreezeConfig, TrainingArguments))
+    parser.set_defaults(**DEFAULTS)
+    script, freeze_config, training_args = parser.parse_args_into_dataclasses(argv)
+    return run(script, freeze_config, training_args)
+
+
+def run(script: ClassificationArguments, freeze_config: FreezeConfig, training_args: TrainingArguments) -> dict:
+    setup_logging(training_args)
+    path = assets.resolve_model(script.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = classification_data(script.dataset, tokenizer, script.text_column, script.label_column,
+                               script.max_length, seed=training_args.seed)
+    train, test = script.subsets(data)
+    num_labels = len(set(train["labels"]))
+
+    def make_model():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+
+    def compute_metrics(prediction):
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        scores = accuracy.compute(predictions=predicted, references=prediction.label_ids)
+        scores.update(f1.compute(predictions=predicted, references=prediction.label_ids,
+                                 average="binary" if num_labels == 2 else "macro"))
+        return scores
+
+    common = dict(args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
+                  data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+    baseline_step = None
+    if script.baseline_steps:
+        baseline_step = measure_full_step(lambda args: Trainer(model=make_model(), **{**common, "args": args}),
+                                          training_args, script.baseline_steps)
+    torch.manual_seed(training_args.seed)
+    timer = StepTimerCallback()
+    model = make_model()
+    if script.method == "freeze_cache":
+        trainer = FreezeTrainer(model=model, freeze_config=freeze_config, callbacks=[timer], **common)
+    elif script.method == "freeze":
+        trainer = Trainer(model=model, callbacks=[FreezeCallback(freeze_config), timer], **common)
+    else:
+        trainer = Trainer(model=model, callbacks=[timer], **common)
+    trainer.train()
+    metrics = trainer.evaluate()
+    return summarize(trainer, timer, metrics, script, baseline_step, task="text-classification",
+                     title=f"{script.model_name_or_path} on {script.dataset}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

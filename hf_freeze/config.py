@@ -51,7 +51,7 @@ class FreezeConfig:
         default=50.0,
         metadata={
             "help": "gradnorm: a block is converged when the relative change of its gradient norm between two "
-            "intervals is below this percentile of the changes of all active blocks (0-100)."
+            "intervals is at or below this percentile of the changes of all active blocks (0-100)."
         },
     )
     freeze_start: float = field(

@@ -3,9 +3,9 @@
 Boundary `k` freezes the embeddings and blocks `[0, k)`:
 - their parameters get `requires_grad=False` and lose any `.grad`;
 - they run in eval mode (dropout off) even after `model.train()`, so their output is deterministic;
-- they build no autograd graph, so none of their activations are saved for backward, even when
-  `enable_input_require_grads()` (used by gradient checkpointing and PEFT) forces the embeddings' output to
-  require grad: the inputs of frozen modules are detached;
+- they run under `no_grad`, so they build no autograd graph and none of their activations are saved for
+  backward, even when `enable_input_require_grads()` (used by gradient checkpointing and PEFT) forces the input
+  embeddings' output to require grad;
 - with an optimizer, their state is released and they leave its param groups (see `optim.py`).
 
 Everything is done with forward hooks that `unfreeze` removes; no module's `forward` is replaced.
@@ -14,6 +14,7 @@ Everything is done with forward hooks that `unfreeze` removes; no module's `forw
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -124,7 +125,8 @@ def freeze_prefix(
         param.grad = None
     for module in new_modules:
         module.eval()
-        state.handles.append(module.register_forward_pre_hook(_run_frozen, with_kwargs=True))
+        state.handles.append(module.register_forward_pre_hook(_enter_frozen))
+        state.handles.append(module.register_forward_hook(_exit_frozen, always_call=True))
     if previous is None:
         state.handles.append(model.register_forward_pre_hook(_keep_prefix_in_eval(state)))
     _move_boundary_hook(model, state, num_blocks)
@@ -180,15 +182,21 @@ def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def _run_frozen(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook of a frozen module: eval mode, and detached inputs so no graph is built through it."""
+_grad_modes = threading.local()
+
+
+def _enter_frozen(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of a frozen module: eval mode, and `no_grad` until `_exit_frozen`."""
     if module.training:
         module.eval()
-    return tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}
+    stack = _grad_modes.__dict__.setdefault("stack", [])
+    stack.append(torch.is_grad_enabled())
+    torch.set_grad_enabled(False)
 
 
-def _detach(value: object) -> object:
-    return value.detach() if isinstance(value, torch.Tensor) and value.requires_grad else value
+def _exit_frozen(module: nn.Module, args: tuple, output: object) -> None:
+    """Forward hook (also called when the forward raises): restore the grad mode `_enter_frozen` saved."""
+    torch.set_grad_enabled(_grad_modes.stack.pop())
 
 
 def _keep_prefix_in_eval(state: FreezeState):

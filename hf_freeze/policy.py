@@ -138,7 +138,7 @@ class GradNormPolicy(FreezePolicy):
 
     Per-unit gradient norms are averaged over each interval. At the end of an interval, each active unit's
     relative change from the previous interval is compared with the `percentile`-th percentile of the changes of
-    all active units; the longest run of units below it, starting at the current boundary, is frozen.
+    all active units; the longest run of units at or below it, starting at the current boundary, is frozen.
     """
 
     name = "gradnorm"
@@ -169,7 +169,7 @@ class GradNormPolicy(FreezePolicy):
         changes = [abs(m - p) / max(p, 1e-12) for m, p in zip(mean, previous)]
         threshold = percentile(changes[frozen:], self.config.percentile)
         target = frozen
-        while target < self.max_units and changes[target] < threshold:
+        while target < self.max_units and changes[target] <= threshold:
             target += 1
         if target == frozen:
             return None
@@ -177,7 +177,7 @@ class GradNormPolicy(FreezePolicy):
         signal["threshold"] = threshold
         return FreezeDecision(
             target - 1,
-            f"gradnorm: gradient-norm change of units {frozen}..{target - 1} below the "
+            f"gradnorm: gradient-norm change of units {frozen}..{target - 1} at or below the "
             f"{self.config.percentile:g}th percentile ({threshold:.3g}) of active units",
             signal,
         )

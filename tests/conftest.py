@@ -11,6 +11,7 @@ import transformers as T
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(int(os.environ.get("HF_FREEZE_TEST_THREADS", "1")))  # tiny models: threads only add overhead
 
 VOCAB = 100
 DROPOUT = 0.1

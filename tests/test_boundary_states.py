@@ -1,0 +1,131 @@
+"""The cache changes speed, never results: losses and gradients from cached states equal a full forward."""
+
+import pytest
+import torch
+from conftest import TRAINABLE_CASES, tiny_batch, tiny_model
+
+from hf_freeze import PrefixCache, freeze_prefix, get_layout
+from hf_freeze.boundary_states import BoundaryStates
+from hf_freeze.keys import example_digests
+from hf_freeze.prefix import PrefixRunner
+
+RTOL = 1e-5
+
+
+def provider_for(model):
+    layout = get_layout(model)
+    return BoundaryStates(PrefixRunner(model, layout), PrefixCache(model, layout), label_names=["labels"])
+
+
+def loss_and_grads(model, batch, provider=None, keys=None, boundary=None):
+    model.zero_grad()
+    torch.manual_seed(0)  # same dropout draws in the active blocks
+    if provider is None:
+        loss = model(**batch).loss
+    else:
+        states = provider.states_for(batch, keys, boundary)
+        with provider.runner.inject_states(states, boundary):
+            loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_close(reference, candidate):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, candidate
+    assert torch.allclose(loss_a, loss_b, rtol=RTOL, atol=0), (loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    # Relative error per tensor; tensors whose true gradient is zero (e.g. attention key biases, which softmax
+    # ignores) hold only rounding noise, so their norm is floored at a millionth of the largest gradient norm.
+    floor = 1e-6 * max(g.norm() for g in grads_a.values())
+    for name in grads_a:
+        error = (grads_a[name] - grads_b[name]).norm() / max(grads_a[name].norm(), floor)
+        assert error <= RTOL, (name, float(error))
+
+
+def reorder(batch, order, length):
+    """The same examples in another order, padded to another length (right padding)."""
+    out = {}
+    for key, value in batch.items():
+        value = value[order]
+        if value.dim() == 2:
+            pad = 0 if key == "attention_mask" else (-100 if key == "labels" else int(batch["input_ids"][-1, -1]))
+            value = torch.cat([value, torch.full((len(order), length - value.shape[1]), pad)], dim=1)
+        out[key] = value
+    return out
+
+
+@pytest.mark.parametrize(("family", "head"), TRAINABLE_CASES)
+def test_cached_loss_and_gradients_equal_a_full_forward(family, head):
+    model = tiny_model(family, head)
+    freeze_prefix(model, 2)
+    model.train()
+    first = tiny_batch(model, head, batch=3, length=9)
+    provider = provider_for(model)
+    keys = torch.tensor([10, 11, 12])
+    provider.states_for(first, keys, 2)  # fills the cache, padded to length 9
+    assert provider.stats.misses == 3
+
+    # Hits re-padded into another batch: other order, longer padding.
+    second = reorder(first, [2, 0, 1], length=12)
+    assert_close(loss_and_grads(model, second), loss_and_grads(model, second, provider, keys[[2, 0, 1]], 2))
+    assert provider.stats.hits == 3 and provider.stats.misses == 3
+
+
+@pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("llama", "causal"), ("gpt2", "token")])
+def test_advancing_the_boundary_reuses_older_states(family, head):
+    model = tiny_model(family, head)
+    freeze_prefix(model, 1)
+    model.train()
+    batch = tiny_batch(model, head)
+    keys = torch.tensor([0, 1, 2])
+    provider = provider_for(model)
+    provider.states_for(batch, keys, 1)
+    freeze_prefix(model, 3)
+    calls = []
+    handle = get_layout(model).blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    cached = loss_and_grads(model, batch, provider, keys, 3)
+    handle.remove()
+    assert provider.stats.advanced == 3 and not calls  # block 0 never ran again: only blocks 1 and 2 did
+    assert_close(loss_and_grads(model, batch), cached)
+    assert all(provider.cache.get(int(k), d, 3).boundary == 3 for k, d in zip(keys, example_digests(
+        {k: v for k, v in batch.items() if k != "labels"}, ())))
+
+
+def test_changed_inputs_miss_instead_of_reading_a_wrong_entry():
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    provider = provider_for(model)
+    batch = tiny_batch(model, "seq")
+    keys = torch.tensor([0, 1, 2])
+    provider.states_for(batch, keys, 2)
+    masked = dict(batch, input_ids=batch["input_ids"].clone())
+    masked["input_ids"][1, 0] = 4  # e.g. a random-masking collator changed one token of example 1
+    model.train()
+    assert_close(loss_and_grads(model, masked), loss_and_grads(model, masked, provider, keys, 2))
+    assert provider.stats.hits == 2 and provider.stats.misses == 4
+
+
+def test_left_padding_shift_is_part_of_the_identity():
+    model = tiny_model("llama", "causal")
+    freeze_prefix(model, 2)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    short = {"input_ids": ids[:1, 2:], "attention_mask": mask[:1, 2:]}
+    left = {"input_ids": ids[:1], "attention_mask": mask[:1]}
+    assert example_digests(short, ()) != example_digests(left, ())
+    right = {"input_ids": torch.tensor([[5, 6, 7, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    assert example_digests(short, ()) == example_digests(right, ())
+
+
+def test_duplicated_examples_in_one_batch_are_fine():
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    model.train()
+    batch = tiny_batch(model, "seq")
+    batch = {k: torch.cat([v, v[:1]]) for k, v in batch.items()}  # a padded last batch repeats examples
+    keys = torch.tensor([0, 1, 2, 0])
+    provider = provider_for(model)
+    assert_close(loss_and_grads(model, batch), loss_and_grads(model, batch, provider, keys, 2))
+    assert_close(loss_and_grads(model, batch), loss_and_grads(model, batch, provider, keys, 2))
+    assert len(provider.cache) == 3

@@ -7,13 +7,17 @@ policy's state and the freeze timeline travel in `trainer.state` (and therefore 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .config import FreezeConfig
 from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
@@ -54,6 +58,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self.config = config or FreezeConfig()
         self.timeline: list[dict[str, Any]] = []
         self.policy: FreezePolicy | None = None
+        self.resume_checkpoint: str | None = None  # set by FreezeTrainer.train(resume_from_checkpoint=...)
         self._model: torch.nn.Module | None = None
         self._pending_logs: dict[str, float] = {}
         self._train_start = time.perf_counter()
@@ -67,7 +72,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         layout = get_layout(model, self.config.blocks_path)
         self.policy = build_policy(self.config, layout.num_blocks)
         _check_data_parallel(args, model)
-        self._restore(state, model, optimizer)
+        self._restore(args, state, model, optimizer)
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
         self._maybe_freeze(args, state, control, model, optimizer)
@@ -81,8 +86,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"))
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
-        if logs is not None:
-            logs.update(self.pop_pending_logs())
+        pending = self.pop_pending_logs()
+        if logs is not None and pending:
+            logs.update(pending)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(pending)  # Trainer appended a copy of `logs` before calling us
 
     # ---- state ----
 
@@ -104,7 +112,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     # ---- internals ----
 
-    def _restore(self, state: TrainerState, model: torch.nn.Module, optimizer) -> None:
+    def _restore(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module, optimizer) -> None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
             saved = saved[0] if saved else None
@@ -115,8 +123,14 @@ class FreezeCallback(TrainerCallback, ExportableState):
         boundary = attributes.get("boundary")
         current = frozen_boundary(model)
         if boundary is not None and (current is None or current < boundary):
-            freeze_prefix(model, boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
+            result = freeze_prefix(model, boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
             logger.info("hf_freeze: restored boundary %d from the checkpoint.", boundary)
+            if result.untied:
+                # The resumed model was built tied, so loading the checkpoint wrote two different tensors into one
+                # parameter; now that it is untied again, read both sides back from the checkpoint.
+                checkpoint = self.resume_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                names = [n for n, p in model.named_parameters() if not p.requires_grad] + list(result.untied)
+                reload_parameters(model, checkpoint, names)
 
     def _maybe_freeze(self, args, state: TrainerState, control: TrainerControl, model, optimizer) -> None:
         progress = Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0)
@@ -156,6 +170,30 @@ class FreezeCallback(TrainerCallback, ExportableState):
             "hf_freeze: step %d (epoch %.2f): froze the embeddings and blocks [0, %d) (was %s): %s",
             progress.step, progress.epoch, result.boundary, previous, decision.reason,
         )
+
+
+def reload_parameters(model: torch.nn.Module, checkpoint: str, names: list[str]) -> None:
+    """Copy the tensors `names` from a checkpoint folder's safetensors file(s) into the model's parameters."""
+    single = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+    index = os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        files = dict.fromkeys(names, single)
+    elif os.path.isfile(index):
+        with open(index) as handle:
+            weight_map = json.load(handle)["weight_map"]
+        files = {n: os.path.join(checkpoint, weight_map[n]) for n in names if n in weight_map}
+    else:
+        raise FileNotFoundError(
+            f"Resuming a run whose lm_head was untied from the frozen embeddings needs the checkpoint's weights, "
+            f"but {checkpoint} has no safetensors file. Pass `resume_from_checkpoint` to FreezeTrainer.train, or "
+            "load the model itself from the checkpoint folder."
+        )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, path in files.items():
+            with safe_open(path, framework="pt") as handle:
+                if name in handle.keys():
+                    parameters[name].copy_(handle.get_tensor(name))
 
 
 def _same_on_every_rank(decision: FreezeDecision | None) -> FreezeDecision | None:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .boundary_states import BoundaryStates
 from .cache import PrefixCache
@@ -65,6 +66,14 @@ class FreezeTrainer(Trainer):
         self.data_collator = ExampleIndexCollator(self.data_collator)
         self.boundary_states: BoundaryStates | None = None
         self._cache_verdicts: dict[int, bool] = {}
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """`Trainer.train`; also tells the freeze callback which checkpoint it resumes from."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.freeze_callback.resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- data: example keys ----
 

@@ -1,0 +1,107 @@
+"""FreezeCallback inside a plain transformers.Trainer."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_model
+from helpers import LogRecorder, PadCollator, PrefixProbe, assert_prefix_shape, state_of, token_dataset, training_args
+from transformers import Trainer
+
+from hf_freeze import FreezeCallback, FreezeConfig, frozen_boundary
+from hf_freeze.callback import _check_data_parallel
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "mpnet"])
+def test_gradnorm_grows_a_prefix_and_logs_every_freeze(tmp_path, family):
+    model = tiny_model(family, "seq")
+    probe, recorder = PrefixProbe(), LogRecorder()
+    callback = FreezeCallback(FreezeConfig(policy="gradnorm", interval=0.1))
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=token_dataset(),
+                      data_collator=PadCollator(model.config.pad_token_id), callbacks=[recorder, callback, probe])
+    trainer.train()
+
+    boundaries = [assert_prefix_shape(model, frozen) for frozen in probe.frozen_sets]
+    assert boundaries == sorted(boundaries), "the frozen prefix must only grow"
+    assert callback.timeline, "gradnorm should freeze at least the embeddings on this run"
+    assert frozen_boundary(model) == callback.timeline[-1]["boundary"] <= 3  # never the last block by default
+    logged = [entry for entry in trainer.state.log_history if "freeze/boundary" in entry]
+    assert [e["freeze/boundary"] for e in logged] == [float(e["boundary"]) for e in callback.timeline]
+    saved = trainer.state.stateful_callbacks["FreezeCallback"]["attributes"]
+    assert saved["timeline"] == callback.timeline and saved["boundary"] == frozen_boundary(model)
+
+
+def test_fixed_policy_freezes_before_the_first_step_and_prunes_the_optimizer(tmp_path):
+    model = tiny_model("bert", "seq")
+    probe = PrefixProbe()
+    trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=token_dataset(),
+                      data_collator=PadCollator(), callbacks=[FreezeCallback(FreezeConfig(policy="fixed", boundary=3)),
+                                                              probe])
+    trainer.train()
+    assert set(probe.boundaries) == {3}
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    assert not any(id(p) in frozen for g in trainer.optimizer.param_groups for p in g["params"])
+
+
+def test_model_frozen_by_hand_before_the_trainer_is_respected(tmp_path):
+    from hf_freeze import freeze_prefix
+
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    before = state_of(model)
+    trainer = Trainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=token_dataset(),
+                      data_collator=PadCollator(), callbacks=[FreezeCallback(FreezeConfig(policy="schedule"))])
+    trainer.train()
+    assert frozen_boundary(model) >= 2
+    assert all(torch.equal(before[n], v) for n, v in state_of(model).items() if "layer.0." in n or "layer.1." in n)
+
+
+@pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("llama", "causal")])
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, family, head):
+    causal = head == "causal"  # the tiny llama ties lm_head to the embeddings: resuming must untie it again
+    data = token_dataset(size=48, labels=None if causal else "seq")
+    config = FreezeConfig(policy="gradnorm", interval_steps=3)
+
+    def trainer_for(model):
+        args = training_args(tmp_path, save_strategy="steps", save_steps=1, num_train_epochs=4)
+        return Trainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(causal=causal),
+                       callbacks=[FreezeCallback(config)])
+
+    uninterrupted = tiny_model(family, head)
+    reference = trainer_for(uninterrupted)
+    reference.train()
+    timeline = freeze_callback(reference).timeline
+    assert len(timeline) >= 2 and timeline[0]["step"] + 1 < timeline[1]["step"] < 24, timeline
+    checkpoint = timeline[0]["step"] + 1  # after the first freeze, before the others
+
+    resumed_model = tiny_model(family, head)
+    resumed = trainer_for(resumed_model)
+    resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{checkpoint}"))
+    assert frozen_boundary(resumed_model) == frozen_boundary(uninterrupted)
+    def without_wall_time(events):
+        return [{k: v for k, v in e.items() if k != "seconds"} for e in events]
+
+    assert without_wall_time(freeze_callback(resumed).timeline) == without_wall_time(timeline)
+    expected, actual = state_of(uninterrupted), state_of(resumed_model)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+def freeze_callback(trainer):
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FreezeCallback))
+
+
+def test_data_parallel_without_unused_parameter_detection_is_refused():
+    model = SimpleNamespace(is_activation_checkpointing=False)
+    args = SimpleNamespace(world_size=2, ddp_find_unused_parameters=False, activation_checkpointing=False)
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=True"):
+        _check_data_parallel(args, model)
+    _check_data_parallel(SimpleNamespace(world_size=2, ddp_find_unused_parameters=None, activation_checkpointing=False),
+                         model)  # Trainer's default for models without checkpointing: find_unused_parameters=True
+
+
+def test_config_accepts_a_dict_as_trainer_restores_it():
+    callback = FreezeCallback({**FreezeConfig(policy="fixed", boundary=1).to_dict()})
+    assert callback.config.boundary == 1
+    assert FreezeCallback(**callback.state()["args"]).config == callback.config

@@ -39,9 +39,12 @@ MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 STATES_NAME = "states.bin"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Config entries that do not change what the frozen prefix computes (head, bookkeeping, output switches, and
+# `dtype`, which save_pretrained fills in; the parameters' real dtype is fingerprinted separately).
 _CONFIG_KEYS_IGNORED = {
     "_name_or_path", "transformers_version", "architectures", "id2label", "label2id", "num_labels",
-    "problem_type", "tie_word_embeddings", "finetuning_task", "_commit_hash",
+    "problem_type", "tie_word_embeddings", "finetuning_task", "_commit_hash", "dtype", "torch_dtype",
+    "use_cache", "return_dict", "output_attentions", "output_hidden_states", "_attn_implementation_autoset",
 }
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 

@@ -43,13 +43,12 @@ def add_example_index(dataset: Any, namespace: str) -> Any:
         return dataset.add_column(INDEX_COLUMN, [base + i for i in range(len(dataset))])
     if isinstance(dataset, IndexedDataset):
         return dataset
-    if isinstance(dataset, Dataset) and hasattr(dataset, "__len__") and not isinstance(
-        dataset, torch.utils.data.IterableDataset
-    ):
+    is_map_style = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
+    if is_map_style and not isinstance(dataset, torch.utils.data.IterableDataset):
         return IndexedDataset(dataset, base)
     logger.warning(
         "hf_freeze: the %s dataset (%s) has no stable example index, so its examples skip the prefix cache. Use a "
-        "map-style dataset (datasets.Dataset or a torch Dataset with __len__) to cache them.",
+        "map-style dataset (datasets.Dataset, a list, or a torch Dataset with __len__) to cache them.",
         namespace,
         type(dataset).__name__,
     )

@@ -139,7 +139,8 @@ class FreezeTrainer(Trainer):
             return True
         epochs = max(self.args.num_train_epochs, 1)
         steps_per_epoch = math.ceil(self.state.max_steps / math.ceil(epochs))
-        return self.state.global_step + steps_per_epoch <= self.state.max_steps
+        # the batch in flight is step global_step + 1; it comes back one epoch later
+        return self.state.global_step + 1 + steps_per_epoch <= self.state.max_steps
 
     def _judge_cache(self, provider: BoundaryStates, inputs: dict[str, Any], keys: torch.Tensor, boundary: int) -> None:
         """`cache="auto"`: keep the cache at this boundary only if reading a state is measured to be cheaper than

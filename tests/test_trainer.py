@@ -1,0 +1,196 @@
+"""FreezeTrainer: the cache changes speed, never results."""
+
+import logging
+
+import pytest
+import torch
+from conftest import tiny_model
+from helpers import LogRecorder, PadCollator, state_of, token_dataset, training_args
+from transformers import Trainer
+
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, StaleCacheError, frozen_boundary
+
+SCHEDULE = dict(policy="schedule", interval=0.2, max_boundary=3)
+
+
+def train_pair(tmp_path, family, head, cache="on", collator=None, data=None, **args):
+    """The same run twice: FreezeTrainer with the cache, and Trainer + FreezeCallback (no cache)."""
+    causal = head == "causal"
+    data = data or token_dataset(size=40, labels=None if causal else "seq")
+    collator = collator or PadCollator(causal=causal)
+    models, trainers = [], []
+    for use_cache in (True, False):
+        model = tiny_model(family, head)
+        config = FreezeConfig(**SCHEDULE, cache=cache if use_cache else "off")
+        arguments = training_args(tmp_path / str(use_cache), gradient_accumulation_steps=2, **args)
+        if use_cache:
+            trainer = FreezeTrainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
+                                    data_collator=collator, freeze_config=config)
+        else:
+            trainer = Trainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
+                              data_collator=collator, callbacks=[FreezeCallback(config)])
+        trainer.train()
+        models.append(model)
+        trainers.append(trainer)
+    return models, trainers
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    for name, value in state_of(a).items():
+        assert torch.allclose(value, state_of(b)[name], atol=atol, rtol=0), name
+
+
+@pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("llama", "causal"), ("gpt2", "seq")])
+def test_training_with_the_cache_ends_with_the_same_weights(tmp_path, family, head):
+    (cached, plain), (trainer, _) = train_pair(tmp_path, family, head)
+    stats = trainer.boundary_states.stats
+    assert stats.hits > 0 and stats.advanced > 0, stats
+    assert frozen_boundary(cached) == frozen_boundary(plain) == 3
+    assert_same_weights(cached, plain)
+
+
+def test_random_masking_collator_misses_instead_of_reading_stale_states(tmp_path):
+    class RandomMask(PadCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            noise = torch.rand(batch["input_ids"].shape) < 0.3
+            batch["input_ids"] = batch["input_ids"].masked_fill(noise & (batch["attention_mask"] == 1), 4)
+            return batch
+
+    (cached, plain), (trainer, _) = train_pair(tmp_path, "bert", "seq", collator=RandomMask())
+    assert trainer.boundary_states.stats.hits < 3  # only an input that happens to draw the same mask may hit
+    assert_same_weights(cached, plain)
+
+
+def test_evaluation_reuses_cached_states_with_identical_results(tmp_path):
+    (_, _), (trainer, plain) = train_pair(tmp_path, "bert", "seq")
+    first = trainer.evaluate()
+    hits = trainer.boundary_states.stats.hits
+    second = trainer.evaluate()
+    assert trainer.boundary_states.stats.hits > hits
+    reference = plain.evaluate()
+    assert first["eval_loss"] == pytest.approx(second["eval_loss"], rel=1e-6)
+    assert first["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+
+
+def test_freeze_and_cache_metrics_reach_reporting_integrations(tmp_path):
+    recorder = LogRecorder()
+    model = tiny_model("bert", "seq")
+    trainer = FreezeTrainer(model=model, args=training_args(tmp_path), train_dataset=token_dataset(size=40),
+                            data_collator=PadCollator(), callbacks=[recorder],
+                            freeze_config=FreezeConfig(**SCHEDULE, cache="on"))
+    trainer.callback_handler.callbacks.remove(recorder)
+    trainer.callback_handler.callbacks.insert(0, recorder)  # where Trainer puts TensorBoard & co.
+    trainer.train()
+    assert any("freeze/boundary" in logs for logs in recorder.logs)
+    assert any(logs.get("cache/hits", 0) > 0 for logs in recorder.logs)
+
+
+def test_resume_with_an_existing_disk_cache(tmp_path):
+    data = token_dataset(size=40)
+    config = FreezeConfig(**SCHEDULE, cache="on", cache_dir=str(tmp_path / "cache"))
+
+    def trainer_for(model):
+        args = training_args(tmp_path / "run", save_strategy="steps", save_steps=1, num_train_epochs=3)
+        return FreezeTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(),
+                             freeze_config=config)
+
+    reference_model = tiny_model("bert", "seq")
+    reference = trainer_for(reference_model)
+    reference.train()
+    last_freeze = reference.freeze_callback.timeline[-1]["step"]
+    checkpoint = last_freeze + 2  # the cache on disk already holds states at the final boundary
+
+    resumed_model = tiny_model("bert", "seq")
+    resumed = trainer_for(resumed_model)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{checkpoint}"))
+    assert resumed.boundary_states.stats.hits > 0
+    assert frozen_boundary(resumed_model) == frozen_boundary(reference_model)
+    assert_same_weights(reference_model, resumed_model)
+
+
+def test_cache_directory_of_another_model_is_refused_when_asked(tmp_path):
+    directory = str(tmp_path / "cache")
+    for family, on_stale in (("bert", "error"), ("roberta", "error")):
+        trainer = FreezeTrainer(
+            model=tiny_model(family, "seq"), args=training_args(tmp_path / family), train_dataset=token_dataset(),
+            data_collator=PadCollator(), freeze_config=FreezeConfig(**SCHEDULE, cache="on", cache_dir=directory,
+                                                                      on_stale_cache=on_stale))
+        if family == "bert":
+            trainer.train()
+        else:
+            with pytest.raises(StaleCacheError, match="another model"):
+                trainer.train()
+
+
+def test_examples_without_a_stable_index_skip_the_cache_with_a_warning(tmp_path, caplog):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from token_dataset(size=32)
+
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path, max_steps=8),
+                            train_dataset=Stream(), data_collator=PadCollator(),
+                            freeze_config=FreezeConfig(**SCHEDULE, cache="on"))
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "no stable example index" in caplog.text
+    assert trainer.boundary_states is None
+
+
+def test_torch_map_style_datasets_are_keyed_too(tmp_path):
+    rows = list(token_dataset(size=32))
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path), train_dataset=rows,
+                            data_collator=PadCollator(), freeze_config=FreezeConfig(**SCHEDULE, cache="on"))
+    trainer.train()
+    assert trainer.boundary_states.stats.hits > 0
+
+
+def test_auto_mode_stores_only_what_training_will_see_again(tmp_path):
+    config = FreezeConfig(policy="fixed", boundary=2, cache="auto")
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path, num_train_epochs=1),
+                            train_dataset=token_dataset(size=32), data_collator=PadCollator(), freeze_config=config)
+    trainer.train()
+    assert len(trainer.boundary_states.cache) == 0  # a single epoch never revisits an example
+
+
+def test_auto_mode_turns_the_cache_off_when_reading_is_slower(tmp_path, monkeypatch, caplog):
+    from hf_freeze.boundary_states import BoundaryStates
+
+    monkeypatch.setattr(BoundaryStates, "read_cost_per_token", lambda self, *a: 1.0)  # a very slow disk
+    config = FreezeConfig(policy="fixed", boundary=2, cache="auto")
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path),
+                            train_dataset=token_dataset(size=32), data_collator=PadCollator(), freeze_config=config)
+    with caplog.at_level(logging.INFO, logger="hf_freeze"):
+        trainer.train()
+    assert "cache at boundary 2 off" in caplog.text
+    assert trainer.boundary_states.stats.hits == 0
+
+
+def test_precompute_cache_fills_every_example(tmp_path):
+    from hf_freeze import freeze_prefix
+
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 3)
+    data = token_dataset(size=30)
+    trainer = FreezeTrainer(model=model, args=training_args(tmp_path), train_dataset=data,
+                            data_collator=PadCollator(), freeze_config=FreezeConfig(cache="on"))
+    assert trainer.precompute_cache() == 30
+
+
+def test_freeze_trainer_rejects_a_second_freeze_callback(tmp_path):
+    with pytest.raises(ValueError, match="already freezes"):
+        FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path), train_dataset=token_dataset(),
+                      data_collator=PadCollator(), callbacks=[FreezeCallback()])
+
+
+def test_model_card_records_what_was_frozen_and_when(tmp_path):
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path),
+                            train_dataset=token_dataset(size=40), data_collator=PadCollator(),
+                            freeze_config=FreezeConfig(**SCHEDULE))
+    trainer.train()
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "## Layer freezing (hf_freeze)" in card
+    for event in trainer.freeze_callback.timeline:
+        assert f"| {event['step']} |" in card
+    assert "Policy: `schedule`" in card and "boundary 3" in card

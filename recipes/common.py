@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from transformers import Trainer, TrainingArguments
 
-from hf_freeze import FreezeCallback, FreezeTrainer, frozen_boundary, get_layout
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
 from hf_freeze.atomic import write_text_atomic
 from hf_freeze.model_card import append_to_model_card, render_freeze_section
 from hf_freeze.report import StepTimerCallback, format_phases, format_timeline, phases, plot_timeline
@@ -66,6 +67,32 @@ def measure_full_step(make_trainer: Callable[[TrainingArguments], Trainer], trai
         trainer.add_callback(timer)
         trainer.train()
     return statistics.mean(r.seconds for r in timer.records[warmup:])
+
+
+def train_and_report(script: ScriptArguments, freeze_config: FreezeConfig, make_model: Callable[[], Any],
+                     common: dict[str, Any], task: str) -> dict[str, Any]:
+    """Optionally time full fine-tuning, train with `script.method`, evaluate, and report (see `summarize`).
+
+    `common` holds the Trainer keyword arguments shared by every method (args, datasets, collator, metrics).
+    """
+    training_args = common["args"]
+    baseline_step = None
+    if script.baseline_steps:
+        baseline_step = measure_full_step(lambda args: Trainer(model=make_model(), **{**common, "args": args}),
+                                          training_args, script.baseline_steps)
+    torch.manual_seed(training_args.seed)
+    timer = StepTimerCallback()
+    model = make_model()
+    if script.method == "freeze_cache":
+        trainer = FreezeTrainer(model=model, freeze_config=freeze_config, callbacks=[timer], **common)
+    elif script.method == "freeze":
+        trainer = Trainer(model=model, callbacks=[FreezeCallback(freeze_config), timer], **common)
+    else:
+        trainer = Trainer(model=model, callbacks=[timer], **common)
+    trainer.train()
+    metrics = trainer.evaluate()
+    return summarize(trainer, timer, metrics, script, baseline_step, task=task,
+                     title=f"{script.model_name_or_path} on {script.dataset}")
 
 
 def summarize(trainer: Trainer, timer: StepTimerCallback, metrics: dict[str, float], script: ScriptArguments,

@@ -14,20 +14,17 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
     HfArgumentParser,
-    Trainer,
     TrainingArguments,
 )
 
-from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, assets
+from hf_freeze import FreezeConfig, assets
 from hf_freeze.metrics import load_metric
-from hf_freeze.report import StepTimerCallback
-from recipes.common import ScriptArguments, measure_full_step, setup_logging, summarize
+from recipes.common import ScriptArguments, setup_logging, train_and_report
 from recipes.data import classification_data
 
 DEFAULTS = {
@@ -84,23 +81,7 @@ def run(script: ClassificationArguments, freeze_config: FreezeConfig, training_a
 
     common = dict(args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
-    baseline_step = None
-    if script.baseline_steps:
-        baseline_step = measure_full_step(lambda args: Trainer(model=make_model(), **{**common, "args": args}),
-                                          training_args, script.baseline_steps)
-    torch.manual_seed(training_args.seed)
-    timer = StepTimerCallback()
-    model = make_model()
-    if script.method == "freeze_cache":
-        trainer = FreezeTrainer(model=model, freeze_config=freeze_config, callbacks=[timer], **common)
-    elif script.method == "freeze":
-        trainer = Trainer(model=model, callbacks=[FreezeCallback(freeze_config), timer], **common)
-    else:
-        trainer = Trainer(model=model, callbacks=[timer], **common)
-    trainer.train()
-    metrics = trainer.evaluate()
-    return summarize(trainer, timer, metrics, script, baseline_step, task="text-classification",
-                     title=f"{script.model_name_or_path} on {script.dataset}")
+    return train_and_report(script, freeze_config, make_model, common, task="text-classification")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8, help="distinct real batches cycled through")
     parser.add_argument("--repeats", type=int, default=8, help="timed steps per configuration (median reported)")
+    parser.add_argument("--name", default=None, help="results file name (default: step_time_<model>)")
     args = parser.parse_args()
     task = args.task or ("causal_lm" if args.model == "smollm2" else "classification")
     torch.manual_seed(0)
@@ -77,7 +78,7 @@ def main() -> None:
     columns = ["boundary k", "full s", "frozen s", "cached s", "ideal s", "full/frozen", "full/cached", "cached/ideal"]
     info = stamp()
     title = f"Step time, {args.model} ({num_blocks} blocks, {task}), batch {args.batch_size}, median of {args.repeats}"
-    write_results(f"step_time_{args.model}", {"stamp": info, "rows": rows, "title": title},
+    write_results(args.name or f"step_time_{args.model}", {"stamp": info, "rows": rows, "title": title},
                   f"**{title}** ({info['machine']}, commit {info['commit']})\n\n" + markdown_table(rows, columns))
 
 
@@ -106,7 +107,8 @@ def warm_cache(model, batches: list[dict], boundary: int) -> BoundaryStates:
 def time_step(model, batches: list[dict], repeats: int, states: BoundaryStates | None = None,
               boundary: int | None = None) -> float:
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # the optimizer Trainer uses by default (adamw_torch_fused)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     cycle = itertools.cycle(batches)
 
     def step() -> None:

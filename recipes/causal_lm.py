@@ -66,6 +66,12 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def run(script: CausalLMArguments, freeze_config: FreezeConfig, training_args: TrainingArguments) -> dict:
     setup_logging(training_args)
+    make_model, common = prepare(script, training_args)
+    return train_and_report(script, freeze_config, make_model, common, task="text-generation")
+
+
+def prepare(script: CausalLMArguments, training_args: TrainingArguments):
+    """A model factory and the Trainer keyword arguments shared by every method (data, collator, metrics)."""
     path = assets.resolve_model(script.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -88,7 +94,7 @@ def run(script: CausalLMArguments, freeze_config: FreezeConfig, training_args: T
     common = dict(args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
                   data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                   compute_metrics=compute_metrics, preprocess_logits_for_metrics=token_nll)
-    return train_and_report(script, freeze_config, make_model, common, task="text-generation")
+    return make_model, common
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(script: ClassificationArguments, freeze_config: FreezeConfig, training_args: TrainingArguments) -> dict:
     setup_logging(training_args)
+    make_model, common = prepare(script, training_args)
+    return train_and_report(script, freeze_config, make_model, common, task="text-classification")
+
+
+def prepare(script: ClassificationArguments, training_args: TrainingArguments):
+    """A model factory and the Trainer keyword arguments shared by every method (data, collator, metrics)."""
     path = assets.resolve_model(script.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = classification_data(script.dataset, tokenizer, script.text_column, script.label_column,
@@ -81,7 +87,7 @@ def run(script: ClassificationArguments, freeze_config: FreezeConfig, training_a
 
     common = dict(args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
-    return train_and_report(script, freeze_config, make_model, common, task="text-classification")
+    return make_model, common
 
 
 if __name__ == "__main__":

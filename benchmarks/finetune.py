@@ -1,0 +1,284 @@
+"""Full fine-tuning vs PEFT LoRA vs freezing (no cache) vs FreezeTrainer (freezing + cache), side by side.
+
+Same model, data, seed and epochs for every method; each method runs in its own process (clean peak memory).
+Reported per method: training time (sum of optimizer-step wall times; evaluation excluded), the training time
+until the eval score first came within the target of full fine-tuning's final score, final score, bytes of
+activations saved for backward and of optimizer state at the end of training, peak memory, and the speed-up that
+the method's own freeze timeline would give with ideal machinery (each step as cheap as a model holding only the
+active blocks).
+
+    python benchmarks/finetune.py                                   # MiniLM on Rotten Tomatoes (2 epochs)
+    python benchmarks/finetune.py --task causal_lm --max-train-samples 1000 --max-eval-samples 200
+    python benchmarks/finetune.py --model mpnet                     # 12 blocks; meant for a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, ROOT, markdown_table, stamp, write_results
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
+from hf_freeze.optim import optimizer_state_bytes
+from hf_freeze.profiling import count_saved_tensor_bytes
+from hf_freeze.report import StepTimerCallback
+
+METHODS = ["full", "lora", "freeze:gradnorm", "cache:gradnorm", "cache:schedule", "cache:fixed"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
+    parser.add_argument("--model", default=None, help="default: minilm (classification) / smollm2 (causal_lm)")
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--lora-learning-rate", type=float, default=5e-4, help="LoRA's usual, higher rate")
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--max-eval-samples", type=int, default=None)
+    parser.add_argument("--evals", type=int, default=8, help="evaluations during training (for time-to-target)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or ("minilm" if args.task == "classification" else "smollm2")
+    args.batch_size = args.batch_size or (32 if args.task == "classification" else 8)
+    if args.run_one:
+        Path(args.out).write_text(json.dumps(run_one(args, args.run_one), default=str))
+        return
+    results = {}
+    for method in args.methods:
+        print(f"==== {method} ====", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [sys.executable, __file__, "--run-one", method, "--out", out.name] + forwarded(args)
+            subprocess.run(command, check=True, cwd=ROOT)
+            results[method] = json.loads(Path(out.name).read_text())
+        print({k: v for k, v in results[method].items() if k not in ("evals", "timeline")}, flush=True)
+    report(args, results)
+
+
+def forwarded(args) -> list[str]:
+    flags = ["--task", args.task, "--model", args.model, "--epochs", str(args.epochs), "--batch-size",
+             str(args.batch_size), "--learning-rate", str(args.learning_rate), "--lora-learning-rate",
+             str(args.lora_learning_rate), "--evals", str(args.evals), "--seed", str(args.seed)]
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
+class EvalTimeline(TrainerCallback):
+    """Records every evaluation with the training time (sum of step times) spent until then."""
+
+    def __init__(self, timer: StepTimerCallback) -> None:
+        self.timer, self.evals = timer, []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.evals.append({"step": state.global_step, "train_seconds": sum(r.seconds for r in self.timer.records),
+                           **{k: v for k, v in (metrics or {}).items() if k.startswith("eval_")}})
+
+
+def run_one(args, method: str) -> dict:
+    torch.manual_seed(args.seed)
+    if args.task == "classification":
+        from recipes.text_classification import ClassificationArguments as Script
+        from recipes.text_classification import prepare
+    else:
+        from recipes.causal_lm import CausalLMArguments as Script
+        from recipes.causal_lm import prepare
+    script = Script(model_name_or_path=args.model, max_train_samples=args.max_train_samples,
+                    max_eval_samples=args.max_eval_samples)
+    with tempfile.TemporaryDirectory() as output_dir:
+        training_args = make_args(args, output_dir, lora=method == "lora", steps=None)
+        make_model, common = prepare(script, training_args)
+        steps_per_epoch = math.ceil(len(common["train_dataset"]) / args.batch_size)
+        max_steps = math.ceil(steps_per_epoch * args.epochs)
+        training_args = make_args(args, output_dir, lora=method == "lora", steps=max(1, max_steps // args.evals))
+        common["args"] = training_args
+        model = make_model()
+        num_blocks = get_layout(model).num_blocks
+        timer = StepTimerCallback()
+        evals = EvalTimeline(timer)
+        trainer = build_trainer(method, model, common, [timer, evals], num_blocks, args.task)
+        trainer.train()
+        final = trainer.evaluate()
+        measured = end_of_training_bytes(trainer)
+    timeline = next((cb.timeline for cb in trainer.callback_handler.callbacks if isinstance(cb, FreezeCallback)), [])
+    return {
+        "train_seconds": sum(r.seconds for r in timer.records),
+        "steps": len(timer.records),
+        "step_seconds": [r.seconds for r in timer.records],
+        "boundaries": [r.boundary for r in timer.records],
+        "final": {k: v for k, v in final.items() if k.startswith("eval_")},
+        "evals": evals.evals,
+        "timeline": timeline,
+        "peak_memory_mb": peak_memory_mb(),
+        "num_blocks": num_blocks,
+        **measured,
+    }
+
+
+def make_args(args, output_dir: str, lora: bool, steps: int | None) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=4 * args.batch_size, seed=args.seed, report_to="none", save_strategy="no",
+        learning_rate=args.lora_learning_rate if lora else args.learning_rate, logging_steps=50,
+        eval_strategy="steps" if steps else "no", eval_steps=steps, disable_tqdm=True,
+    )
+
+
+def build_trainer(method: str, model, common: dict, callbacks: list, num_blocks: int, task: str) -> Trainer:
+    kind, _, policy = method.partition(":")
+    if kind == "full":
+        return Trainer(model=model, callbacks=callbacks, **common)
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        task_type = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+        return Trainer(model=get_peft_model(model, LoraConfig(task_type=task_type, r=8, lora_alpha=16)),
+                       callbacks=callbacks, **common)
+    config = policy_config(policy, num_blocks)
+    if kind == "freeze":
+        return Trainer(model=model, callbacks=[FreezeCallback(config), *callbacks], **common)
+    return FreezeTrainer(model=model, freeze_config=config, callbacks=callbacks, **common)
+
+
+def policy_config(policy: str, num_blocks: int) -> FreezeConfig:
+    if policy == "fixed":
+        return FreezeConfig(policy="fixed", boundary=round(2 * num_blocks / 3))  # e.g. 4 of MiniLM's 6 blocks
+    return FreezeConfig(policy=policy)
+
+
+def end_of_training_bytes(trainer: Trainer) -> dict:
+    """Activation bytes saved for backward by one training forward at the final boundary, and optimizer state."""
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model
+    model.train()
+    with count_saved_tensor_bytes() as saved:
+        if isinstance(trainer, FreezeTrainer):
+            loss = trainer.compute_loss(model, dict(batch))
+        else:
+            batch.pop("hf_freeze_index", None)
+            loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return {"saved_activation_mb": saved.total / 2**20,
+            "optimizer_state_mb": optimizer_state_bytes(trainer.optimizer) / 2**20,
+            "final_boundary": frozen_boundary(model)}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- reporting ----
+
+
+def report(args, results: dict) -> None:
+    classification = args.task == "classification"
+    key = "eval_accuracy" if classification else "eval_perplexity"
+    full = results.get("full")
+    ideal_costs = ideal_step_costs(args, results) if full else {}
+    rows = []
+    for method, result in results.items():
+        score = result["final"].get(key)
+        row = {
+            "method": method,
+            "train s": result["train_seconds"],
+            "speed-up": full["train_seconds"] / result["train_seconds"] if full else float("nan"),
+            ("accuracy %" if classification else "perplexity"): 100 * score if classification else score,
+            "final boundary": result.get("final_boundary"),
+            "activations MB": result["saved_activation_mb"],
+            "optimizer MB": result["optimizer_state_mb"],
+            "peak MB": result["peak_memory_mb"],
+        }
+        if full:
+            target = full["final"][key] - 0.005 if classification else full["final"][key] * 1.01
+            reached = [e for e in result["evals"] + [dict(result["final"], train_seconds=result["train_seconds"])]
+                       if (e.get(key, -1) >= target if classification else e.get(key, 1e9) <= target)]
+            row["time to target s"] = reached[0]["train_seconds"] if reached else "never"
+            if ideal_costs and result.get("timeline"):
+                ideal = sum(ideal_costs.get(b if b is not None else -1, ideal_costs[-1]) for b in result["boundaries"])
+                row["ideal speed-up"] = full["train_seconds"] / ideal
+        rows.append(row)
+    columns = ["method", "train s", "speed-up", "accuracy %" if classification else "perplexity",
+               "time to target s", "ideal speed-up", "final boundary", "activations MB", "optimizer MB", "peak MB"]
+    info = stamp()
+    target_text = "full fine-tuning accuracy - 0.5 point" if classification else "full fine-tuning perplexity + 1%"
+    title = (f"Fine-tuning {args.model} ({args.task}), {args.epochs:g} epochs, batch {args.batch_size}, seed "
+             f"{args.seed}; time to target = training time until {target_text}")
+    payload = {"stamp": info, "args": vars(args), "results": results, "rows": rows, "title": title}
+    name = f"finetune_{args.model}_{args.task}"
+    write_results(name, payload, f"**{title}** ({info['machine']}, {info['device']}, commit {info['commit']})\n\n"
+                  + markdown_table(rows, columns))
+    plot(results, key, RESULTS / f"{name}.png", title)
+
+
+def ideal_step_costs(args, results: dict) -> dict[int, float]:
+    """Seconds per step of a model holding only blocks [k, L) and the head, per boundary k the runs used.
+
+    Scaled so that k = -1 (nothing frozen) matches the measured full fine-tuning step, measured in this process.
+    """
+    boundaries = sorted({b for r in results.values() for b in r["boundaries"] if b is not None})
+    command = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--model", args.model, "--batch-size",
+               str(args.batch_size), "--boundaries", *map(str, [b for b in boundaries if b >= 1] or [1]),
+               "--repeats", "6", "--task", args.task, "--name", f"ideal_steps_{args.model}_{args.task}"]
+    subprocess.run(command, check=True, cwd=ROOT)
+    measured = json.loads((RESULTS / f"ideal_steps_{args.model}_{args.task}.json").read_text())["rows"]
+    full_step = results["full"]["train_seconds"] / results["full"]["steps"]
+    scale = full_step / measured[0]["full s"]
+    costs = {-1: full_step, 0: full_step * measured[0]["frozen s"] / measured[0]["full s"]}  # conservative for 0
+    for row in measured:
+        if "ideal s" in row:
+            costs[row["boundary k"]] = row["ideal s"] * scale
+    return costs
+
+
+def plot(results: dict, key: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for method, result in results.items():
+        points = [(e["train_seconds"], e[key]) for e in result["evals"] if key in e]
+        points.append((result["train_seconds"], result["final"][key]))
+        left.plot(*zip(*points), marker="o", ms=3, label=method)
+        cumulative = [0.0]
+        for seconds in result["step_seconds"]:
+            cumulative.append(cumulative[-1] + seconds)
+        right.plot(range(len(cumulative)), cumulative, label=method)
+    left.set_xlabel("training seconds")
+    left.set_ylabel(key.replace("eval_", ""))
+    left.set_title("quality against training time")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("cumulative training seconds")
+    right.set_title("where the time goes")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    started = time.time()
+    main()
+    print(f"benchmark wall time: {time.time() - started:.0f} s")

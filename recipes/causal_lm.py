@@ -18,26 +18,18 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
-    HfArgumentParser,
     TrainingArguments,
 )
 
 from hf_freeze import FreezeConfig, assets
 from hf_freeze.metrics import load_metric
-from recipes.common import ScriptArguments, setup_logging, train_and_report
+from recipes.common import ScriptArguments, parse_arguments, setup_logging, train_and_report
 from recipes.data import causal_lm_data
 
 DEFAULTS = {
     "output_dir": "outputs/causal_lm",
-    "num_train_epochs": 2,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
-    "learning_rate": 5e-5,
-    "eval_strategy": "epoch",
-    "save_strategy": "no",
-    "logging_steps": 20,
-    "report_to": "none",
-    "seed": 42,
 }
 
 
@@ -45,14 +37,10 @@ DEFAULTS = {
 class CausalLMArguments(ScriptArguments):
     model_name_or_path: str = field(default="smollm2", metadata={"help": "smollm2 | a path | a Hub name"})
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | hamlet | files | Hub"})
-    text_column: str = field(default="text", metadata={"help": "Column with the text."})
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((CausalLMArguments, FreezeConfig, TrainingArguments))
-    parser.set_defaults(**DEFAULTS)
-    script, freeze_config, training_args = parser.parse_args_into_dataclasses(argv)
-    return run(script, freeze_config, training_args)
+    return run(*parse_arguments(CausalLMArguments, DEFAULTS, argv))
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
 from hf_freeze.atomic import write_text_atomic
@@ -22,6 +22,16 @@ from hf_freeze.model_card import append_to_model_card, render_freeze_section
 from hf_freeze.report import StepTimerCallback, format_phases, format_timeline, phases, plot_timeline
 
 METHODS = ("freeze_cache", "freeze", "full")
+# TrainingArguments defaults shared by the recipes (each recipe adds its own batch sizes and output_dir).
+TRAINING_DEFAULTS = {
+    "num_train_epochs": 2,
+    "learning_rate": 5e-5,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "logging_steps": 20,
+    "report_to": "none",
+    "seed": 42,
+}
 
 
 @dataclass
@@ -31,6 +41,7 @@ class ScriptArguments:
         metadata={"help": "freeze_cache: FreezeTrainer; freeze: Trainer + FreezeCallback; full: no freezing.",
                   "choices": METHODS},
     )
+    text_column: str = field(default="text", metadata={"help": "Column with the text."})
     max_length: int = field(default=128, metadata={"help": "Truncate examples to this many tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N test examples."})
@@ -47,6 +58,13 @@ class ScriptArguments:
         if self.max_eval_samples is not None:
             test = test.select(range(min(self.max_eval_samples, len(test))))
         return train, test
+
+
+def parse_arguments(script_class: type, defaults: dict[str, Any], argv: list[str] | None):
+    """(script arguments, FreezeConfig, TrainingArguments) from the command line, with the recipe's defaults."""
+    parser = HfArgumentParser((script_class, FreezeConfig, TrainingArguments))
+    parser.set_defaults(**{**TRAINING_DEFAULTS, **defaults})
+    return parser.parse_args_into_dataclasses(argv)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:

@@ -18,26 +18,18 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     TrainingArguments,
 )
 
 from hf_freeze import FreezeConfig, assets
 from hf_freeze.metrics import load_metric
-from recipes.common import ScriptArguments, setup_logging, train_and_report
+from recipes.common import ScriptArguments, parse_arguments, setup_logging, train_and_report
 from recipes.data import classification_data
 
 DEFAULTS = {
     "output_dir": "outputs/text_classification",
-    "num_train_epochs": 2,
     "per_device_train_batch_size": 32,
     "per_device_eval_batch_size": 128,
-    "learning_rate": 5e-5,
-    "eval_strategy": "epoch",
-    "save_strategy": "no",
-    "logging_steps": 20,
-    "report_to": "none",
-    "seed": 42,
 }
 
 
@@ -45,15 +37,11 @@ DEFAULTS = {
 class ClassificationArguments(ScriptArguments):
     model_name_or_path: str = field(default="minilm", metadata={"help": "minilm | mpnet | a path | a Hub name"})
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | files | a Hub name"})
-    text_column: str = field(default="text", metadata={"help": "Column with the text."})
     label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ClassificationArguments, FreezeConfig, TrainingArguments))
-    parser.set_defaults(**DEFAULTS)
-    script, freeze_config, training_args = parser.parse_args_into_dataclasses(argv)
-    return run(script, freeze_config, training_args)
+    return run(*parse_arguments(ClassificationArguments, DEFAULTS, argv))
 
 
 def run(script: ClassificationArguments, freeze_config: FreezeConfig, training_args: TrainingArguments) -> dict:

@@ -48,7 +48,7 @@ class FreezeConfig:
         default=None, metadata={"help": "The decision interval in optimizer steps; overrides `interval`."}
     )
     percentile: float = field(
-        default=50.0,
+        default=40.0,
         metadata={
             "help": "gradnorm: a block is converged when the relative change of its gradient norm between two "
             "intervals is at or below this percentile of the changes of all active blocks (0-100)."

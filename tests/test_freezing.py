@@ -237,3 +237,17 @@ def test_the_prefix_only_grows_unless_unfrozen():
     assert all(m.training for m in model.modules())
     freeze_prefix(model, 1)
     assert frozen_boundary(model) == 1
+
+
+def test_an_exception_inside_a_frozen_block_restores_grad_mode():
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+
+    def explode(module, args):
+        raise RuntimeError("boom")
+
+    handle = get_layout(model).blocks[1].register_forward_pre_hook(explode)
+    with pytest.raises(RuntimeError, match="boom"):
+        model(**tiny_batch(model, "seq"))
+    handle.remove()
+    assert torch.is_grad_enabled()

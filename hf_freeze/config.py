@@ -56,7 +56,18 @@ class FreezeConfig:
     )
     freeze_start: float = field(
         default=0.0,
-        metadata={"help": "No policy freezes before this fraction of training (0-1); `fixed` ignores it."},
+        metadata={
+            "help": "No policy freezes a block before this fraction of training (0-1); `fixed` ignores it."
+        },
+    )
+    freeze_embeddings_at_start: bool = field(
+        default=True,
+        metadata={
+            "help": "gradnorm and schedule: freeze the embeddings (boundary 0) before the first step and decide "
+            "about the blocks only. Fine-tuning barely moves pretrained embeddings, while their dense gradient and "
+            "optimizer update are a large share of a small model's step (MiniLM on a CPU: a fifth). False lets the "
+            "policy treat the embeddings like a block."
+        },
     )
     schedule: str = field(
         default="geometric",

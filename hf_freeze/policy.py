@@ -42,8 +42,9 @@ class FreezeDecision:
 class FreezePolicy(ABC):
     """Decides when the next blocks are frozen.
 
-    Subclasses set `name`, implement `decide`, and, if they need per-unit gradient norms, set
-    `needs_gradient_norms = True` and implement `observe`.
+    Subclasses set `name`, implement `decide_blocks`, and, if they need per-unit gradient norms, set
+    `needs_gradient_norms = True` and implement `observe`. With `config.freeze_embeddings_at_start`, `decide`
+    freezes the embeddings before the first step and leaves the blocks to `decide_blocks`.
     """
 
     name: ClassVar[str]
@@ -57,9 +58,19 @@ class FreezePolicy(ABC):
     def observe(self, unit_norms: Sequence[float | None]) -> None:
         """Record one optimizer step's gradient norm per unit (`None` for frozen units)."""
 
-    @abstractmethod
     def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
         """The new boundary after the step `progress.step`, or `None` to keep the current one."""
+        if boundary is None and self.freezes_embeddings_at_start:
+            return FreezeDecision(0, "embeddings frozen from the start (freeze_embeddings_at_start)")
+        return self.decide_blocks(progress, boundary)
+
+    @property
+    def freezes_embeddings_at_start(self) -> bool:
+        return self.config.freeze_embeddings_at_start
+
+    @abstractmethod
+    def decide_blocks(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+        """The policy's own rule: the new boundary after `progress.step`, or `None` to keep the current one."""
 
     def interval_steps(self, max_steps: int) -> int:
         """Optimizer steps between two decisions."""
@@ -97,7 +108,11 @@ class FixedPolicy(FreezePolicy):
             )
         self.max_boundary = config.boundary
 
-    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+    @property
+    def freezes_embeddings_at_start(self) -> bool:
+        return False  # the boundary itself is frozen before the first step
+
+    def decide_blocks(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
         if boundary is not None and boundary >= self.max_boundary:
             return None
         return FreezeDecision(self.max_boundary, f"fixed: freeze {self.max_boundary} blocks from the start")
@@ -114,7 +129,7 @@ class SchedulePolicy(FreezePolicy):
 
     name = "schedule"
 
-    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+    def decide_blocks(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
         if not self.is_decision_step(progress) or progress.fraction < self.config.freeze_start:
             return None
         frozen = units_of(boundary)
@@ -157,7 +172,7 @@ class GradNormPolicy(FreezePolicy):
                 self.window_sum[unit] += norm
         self.window_steps += 1
 
-    def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+    def decide_blocks(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
         if not self.is_decision_step(progress) or self.window_steps == 0:
             return None
         mean = [s / self.window_steps for s in self.window_sum]

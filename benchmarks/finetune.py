@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--evals", type=int, default=8, help="evaluations during training (for time-to-target)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--name", default=None, help="results file name (default: finetune_<model>_<task>)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,7 +222,7 @@ def report(args, results: dict) -> None:
     title = (f"Fine-tuning {args.model} ({args.task}), {args.epochs:g} epochs, batch {args.batch_size}, seed "
              f"{args.seed}; time to target = training time until {target_text}")
     payload = {"stamp": info, "args": vars(args), "results": results, "rows": rows, "title": title}
-    name = f"finetune_{args.model}_{args.task}"
+    name = args.name or f"finetune_{args.model}_{args.task}"
     write_results(name, payload, f"**{title}** ({info['machine']}, {info['device']}, commit {info['commit']})\n\n"
                   + markdown_table(rows, columns))
     plot(results, key, RESULTS / f"{name}.png", title)

@@ -29,6 +29,7 @@ from common import RESULTS, ROOT, markdown_table, stamp, write_results
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
+from hf_freeze.atomic import write_text_atomic
 from hf_freeze.optim import optimizer_state_bytes
 from hf_freeze.profiling import count_saved_tensor_bytes
 from hf_freeze.report import StepTimerCallback
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--evals", type=int, default=8, help="evaluations during training (for time-to-target)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the per-method results a previous run with the same --name left in results/runs")
+    parser.add_argument("--skip-ideal", action="store_true", help="do not time the ideal steps (faster)")
     parser.add_argument("--name", default=None, help="results file name (default: finetune_<model>_<task>)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -56,16 +60,24 @@ def main() -> None:
     args.model = args.model or ("minilm" if args.task == "classification" else "smollm2")
     args.batch_size = args.batch_size or (32 if args.task == "classification" else 8)
     if args.run_one:
-        Path(args.out).write_text(json.dumps(run_one(args, args.run_one), default=str))
+        write_text_atomic(args.out, json.dumps(run_one(args, args.run_one), default=str))
         return
+    args.name = args.name or f"finetune_{args.model}_{args.task}"
+    runs = RESULTS / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in args.methods:
-        print(f"==== {method} ====", flush=True)
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, __file__, "--run-one", method, "--out", out.name] + forwarded(args)
+        # each method's result is kept as soon as it exists, so a long benchmark can be resumed with --reuse
+        saved = runs / f"{args.name}_{method.replace(':', '_')}.json"
+        if args.reuse and saved.exists():
+            print(f"==== {method}: reusing {saved} ====", flush=True)
+        else:
+            print(f"==== {method} ====", flush=True)
+            command = [sys.executable, __file__, "--run-one", method, "--out", str(saved)] + forwarded(args)
             subprocess.run(command, check=True, cwd=ROOT)
-            results[method] = json.loads(Path(out.name).read_text())
-        print({k: v for k, v in results[method].items() if k not in ("evals", "timeline")}, flush=True)
+        results[method] = json.loads(saved.read_text())
+        print({k: v for k, v in results[method].items() if k not in ("evals", "timeline", "step_seconds",
+                                                                       "boundaries")}, flush=True)
     report(args, results)
 
 
@@ -192,7 +204,7 @@ def report(args, results: dict) -> None:
     classification = args.task == "classification"
     key = "eval_accuracy" if classification else "eval_perplexity"
     full = results.get("full")
-    ideal_costs = ideal_step_costs(args, results) if full else {}
+    ideal_costs = ideal_step_costs(args, results) if full and not args.skip_ideal else {}
     rows = []
     for method, result in results.items():
         score = result["final"].get(key)
@@ -222,7 +234,7 @@ def report(args, results: dict) -> None:
     title = (f"Fine-tuning {args.model} ({args.task}), {args.epochs:g} epochs, batch {args.batch_size}, seed "
              f"{args.seed}; time to target = training time until {target_text}")
     payload = {"stamp": info, "args": vars(args), "results": results, "rows": rows, "title": title}
-    name = args.name or f"finetune_{args.model}_{args.task}"
+    name = args.name
     write_results(name, payload, f"**{title}** ({info['machine']}, {info['device']}, commit {info['commit']})\n\n"
                   + markdown_table(rows, columns))
     plot(results, key, RESULTS / f"{name}.png", title)

@@ -139,6 +139,9 @@ def suffix_only(base, boundary: int):
             setattr(model.config, name, layout.num_blocks - boundary)
     for module in layout.embeddings:
         module.requires_grad_(False)
+    # The kept blocks still carry their original layer indices, which a KV cache sized for the shorter model would
+    # reject; training needs no KV cache anyway.
+    model.config.use_cache = False
     return model
 
 

@@ -10,6 +10,7 @@ active blocks).
     python benchmarks/finetune.py                                   # MiniLM on Rotten Tomatoes (2 epochs)
     python benchmarks/finetune.py --task causal_lm --max-train-samples 1000 --max-eval-samples 200
     python benchmarks/finetune.py --model mpnet                     # 12 blocks; meant for a GPU
+    python benchmarks/finetune.py --methods full cache:gradnorm:percentile=30,max_boundary=4   # policy knobs
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main() -> None:
     results = {}
     for method in args.methods:
         # each method's result is kept as soon as it exists, so a long benchmark can be resumed with --reuse
-        saved = runs / f"{args.name}_{method.replace(':', '_')}.json"
+        saved = runs / f"{args.name}_{method.replace(':', '_').replace(',', '_').replace('=', '')}.json"
         if args.reuse and saved.exists():
             print(f"==== {method}: reusing {saved} ====", flush=True)
         else:
@@ -168,9 +169,12 @@ def build_trainer(method: str, model, common: dict, callbacks: list, num_blocks:
 
 
 def policy_config(policy: str, num_blocks: int) -> FreezeConfig:
-    if policy == "fixed":
-        return FreezeConfig(policy="fixed", boundary=round(2 * num_blocks / 3))  # e.g. 4 of MiniLM's 6 blocks
-    return FreezeConfig(policy=policy)
+    """`gradnorm`, `schedule`, `fixed`, or any of them with knobs: `gradnorm:percentile=30,max_boundary=4`."""
+    name, _, knobs = policy.partition(":")
+    values = {key: json.loads(value) for key, value in (item.split("=", 1) for item in knobs.split(",") if item)}
+    if name == "fixed":
+        values.setdefault("boundary", round(2 * num_blocks / 3))  # e.g. 4 of MiniLM's 6 blocks
+    return FreezeConfig(policy=name, **values)
 
 
 def end_of_training_bytes(trainer: Trainer) -> dict:

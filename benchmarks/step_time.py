@@ -26,7 +26,7 @@ from transformers import (
     DataCollatorWithPadding,
 )
 
-from hf_freeze import PrefixCache, assets, freeze_prefix, get_layout
+from hf_freeze import PrefixCache, assets, find_layout, freeze_prefix, get_layout
 from hf_freeze.boundary_states import BoundaryStates
 from hf_freeze.prefix import PrefixRunner
 from recipes.data import causal_lm_data, classification_data
@@ -57,7 +57,7 @@ def main() -> None:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     base.config.pad_token_id = tokenizer.pad_token_id
     batches = make_batches(data, tokenizer, task, args.batch_size, args.batches)
-    num_blocks = get_layout(base).num_blocks
+    num_blocks = find_layout(base).num_blocks  # find, not get: copies of `base` must not inherit a remembered layout
     boundaries = args.boundaries or sorted({0, num_blocks // 3, num_blocks // 2, 2 * num_blocks // 3, num_blocks - 1})
 
     full = time_step(copy.deepcopy(base), batches, args.repeats)
@@ -128,20 +128,20 @@ def time_step(model, batches: list[dict], repeats: int, states: BoundaryStates |
 
 
 def suffix_only(base, boundary: int):
-    """A copy holding only blocks [boundary, L) and the head; embeddings frozen as in the frozen model."""
+    """A copy holding only blocks [boundary, L) and the head; embeddings frozen as in the frozen model (untied from
+    a tied head, so the head trains as it does there)."""
     model = copy.deepcopy(base)
-    layout = get_layout(model)
+    layout = find_layout(model)
     parent_path, _, attribute = layout.blocks_path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attribute, torch.nn.ModuleList(list(layout.blocks)[boundary:]))
     for name in ("num_hidden_layers", "n_layer", "n_layers"):
         if hasattr(model.config, name):
             setattr(model.config, name, layout.num_blocks - boundary)
-    for module in layout.embeddings:
-        module.requires_grad_(False)
     # The kept blocks still carry their original layer indices, which a KV cache sized for the shorter model would
     # reject; training needs no KV cache anyway.
     model.config.use_cache = False
+    freeze_prefix(model, 0)
     return model
 
 

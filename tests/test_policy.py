@@ -141,8 +141,8 @@ def test_geometric_schedule_freezes_a_third_of_the_rest_each_interval():
 
 
 def test_linear_schedule_ramps_from_freeze_start_to_freeze_level():
-    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, policy="schedule", schedule="linear", interval_steps=10, freeze_start=0.5,
-                          freeze_level=1)
+    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, policy="schedule", schedule="linear", interval_steps=10,
+                          freeze_start=0.5, freeze_level=1)
     history = drive(build_policy(config, 6), 100, lambda s: [])
     assert all(b is None for b in history[:59])
     assert history[-1] == 5  # all 6 freezable units (embeddings + blocks 0-4) at the end

@@ -64,8 +64,7 @@ def main() -> None:
         write_text_atomic(args.out, json.dumps(run_one(args, args.run_one), default=str))
         return
     args.name = args.name or f"finetune_{args.model}_{args.task}"
-    runs = RESULTS / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
+    runs = RESULTS / "runs"  # write_text_atomic creates it
     results = {}
     for method in args.methods:
         # each method's result is kept as soon as it exists, so a long benchmark can be resumed with --reuse

@@ -57,7 +57,8 @@ class FreezeConfig:
     freeze_start: float = field(
         default=0.0,
         metadata={
-            "help": "No policy freezes a block before this fraction of training (0-1); `fixed` ignores it."
+            "help": "No policy freezes before this fraction of training (0-1), except the embeddings under "
+            "`freeze_embeddings_at_start`; `fixed` ignores it."
         },
     )
     freeze_embeddings_at_start: bool = field(

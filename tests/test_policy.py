@@ -7,9 +7,6 @@ import pytest
 from hf_freeze import FreezeConfig, Progress, build_policy
 from hf_freeze.policy import POLICIES, GradNormPolicy, percentile, units_of
 
-# The default, spelled out: the embeddings are one more unit the policy decides about.
-EMBEDDINGS_AS_A_UNIT = {"freeze_embeddings_at_start": False}
-
 
 def drive(policy, max_steps, norms_at, boundary=None):
     """Run a policy through a training run; returns the boundary after every step."""
@@ -65,21 +62,20 @@ def test_gradnorm_freezes_the_converged_prefix_and_keeps_the_changing_front_acti
     def norms(step):
         return [1.0 + 0.001 * step] * 4 + [float(step) ** 3, float(step) ** 2, float(step)]
 
-    history = drive(GradNormPolicy(FreezeConfig(**EMBEDDINGS_AS_A_UNIT, interval_steps=10), 6), 60, norms)
+    history = drive(GradNormPolicy(FreezeConfig(interval_steps=10), 6), 60, norms)
     assert history[18] is None  # the first interval has nothing to compare with
     assert history[19] == 3  # embeddings + blocks 0, 1, 2
     assert history[-1] == 3
 
 
 def test_gradnorm_never_freezes_past_max_boundary_even_if_everything_converged():
-    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, interval_steps=5, percentile=100)
-    history = drive(GradNormPolicy(config, 6), 200, lambda s: [1.0] * 7)
+    history = drive(GradNormPolicy(FreezeConfig(interval_steps=5, percentile=100), 6), 200, lambda s: [1.0] * 7)
     assert max(b for b in history if b is not None) <= 5  # default: all blocks but the last
     assert history[-1] == 5
 
 
 def test_gradnorm_waits_for_freeze_start():
-    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, interval_steps=5, percentile=100, freeze_start=0.5)
+    config = FreezeConfig(interval_steps=5, percentile=100, freeze_start=0.5)
     history = drive(GradNormPolicy(config, 6), 100, lambda s: [1.0] * 7)
     assert all(b is None for b in history[:49])
     assert history[-1] is not None
@@ -98,7 +94,7 @@ def test_automatic_policies_freeze_only_the_embeddings_before_the_first_step(pol
 def test_gradnorm_state_round_trip_gives_identical_decisions():
     rng = random.Random(0)
     table = [[rng.random() for _ in range(7)] for _ in range(101)]
-    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, interval_steps=7, percentile=60)
+    config = FreezeConfig(interval_steps=7, percentile=60)
     reference = drive(GradNormPolicy(config, 6), 100, lambda s: table[s])
 
     first = GradNormPolicy(config, 6)
@@ -133,16 +129,14 @@ def test_any_policy_keeps_a_growing_prefix_within_bounds(seed):
 
 
 def test_geometric_schedule_freezes_a_third_of_the_rest_each_interval():
-    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, policy="schedule", schedule="geometric", interval_steps=10)
-    policy = build_policy(config, 12)
+    policy = build_policy(FreezeConfig(policy="schedule", schedule="geometric", interval_steps=10), 12)
     history = drive(policy, 40, lambda s: [])
     # freezable units: embeddings + 11 blocks = 12; ceil(12/3)=4 units, then ceil(8/3)=3, then ceil(5/3)=2 ...
     assert [history[9], history[19], history[29], history[39]] == [3, 6, 8, 9]
 
 
 def test_linear_schedule_ramps_from_freeze_start_to_freeze_level():
-    config = FreezeConfig(**EMBEDDINGS_AS_A_UNIT, policy="schedule", schedule="linear", interval_steps=10,
-                          freeze_start=0.5, freeze_level=1)
+    config = FreezeConfig(policy="schedule", schedule="linear", interval_steps=10, freeze_start=0.5, freeze_level=1)
     history = drive(build_policy(config, 6), 100, lambda s: [])
     assert all(b is None for b in history[:59])
     assert history[-1] == 5  # all 6 freezable units (embeddings + blocks 0-4) at the end

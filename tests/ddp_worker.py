@@ -40,3 +40,8 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # With torch 2.13 on gloo, about one exit in five aborts in interpreter teardown ("terminate called without an
+    # active exception") after all work is done, with a plain Trainer too; skip teardown so the test judges the run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

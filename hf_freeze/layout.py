@@ -8,6 +8,7 @@ stops at block 0. Everything else (final norm, pooler, task head) is the head an
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from dataclasses import dataclass
 
@@ -158,7 +159,12 @@ class _ReachedFirstBlock(Exception):
 
 
 def _trace_embeddings(model: nn.Module, blocks: nn.ModuleList) -> list[str]:
-    """Names of the outermost modules the forward calls before block 0, found with a forward that stops there."""
+    """Names of the outermost modules the forward calls before block 0, found with a forward that stops there.
+
+    Returns `[]` only when the model takes no `input_ids` (the static rule then applies). Any other failure is an
+    `UnsupportedModelError`: falling back silently would leave position / token-type embeddings and norms that run
+    before block 0 trainable and outside the frozen prefix, while cached boundary states assume them frozen.
+    """
     inputs = _dummy_inputs(model)
     if inputs is None:
         return []
@@ -183,10 +189,21 @@ def _trace_embeddings(model: nn.Module, blocks: nn.ModuleList) -> list[str]:
             model(**inputs)
     except _ReachedFirstBlock:
         pass
-    except Exception:  # a model that needs more than input_ids to run: fall back to the static rule
-        return []
+    except Exception as error:
+        raise UnsupportedModelError(
+            f"Could not find the embeddings of {type(model).__name__}: a forward with dummy `input_ids` of shape "
+            f"{tuple(inputs['input_ids'].shape)}, stopped at block 0 of `{blocks_name}`, failed with "
+            f"{type(error).__name__}: {error}. hf_freeze traces that forward to find every module that runs before "
+            "the blocks (position and token-type embeddings, norms), which are frozen and fingerprinted with the "
+            "prefix. Fix the model so that `model(input_ids=..., attention_mask=...)` runs, or pass `blocks_path=` "
+            "if these are not the blocks the forward runs first."
+        ) from error
     else:
-        return []
+        raise UnsupportedModelError(
+            f"A forward of {type(model).__name__} with `input_ids` finished without calling block 0 of "
+            f"`{blocks_name}`: these are not the blocks the forward runs. Pass `blocks_path=` with the right "
+            "nn.ModuleList."
+        )
     finally:
         for handle in handles:
             handle.remove()
@@ -199,20 +216,40 @@ def _static_embeddings(model: nn.Module, blocks_path: str) -> list[str]:
     embeddings = get_embeddings() if callable(get_embeddings) else None
     if embeddings is None:
         raise UnsupportedModelError(
-            f"Could not find the embeddings of {type(model).__name__}: a forward with `input_ids` failed and the "
-            "model has no `get_input_embeddings()`."
+            f"Could not find the embeddings of {type(model).__name__}: its forward takes no `input_ids` to trace "
+            "and it has no `get_input_embeddings()`."
         )
     return [name for name, module in model.named_modules() if module is embeddings]
 
 
 def _dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """`input_ids` (and `attention_mask` where the forward takes one), or `None` for a model that takes no
+    `input_ids` (vision, audio, or a plain module with another signature)."""
     if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        return None
+    accepted = _forward_arguments(model)
+    if accepted is not None and "input_ids" not in accepted:
         return None
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     device = execution_device(embeddings) if embeddings is not None else torch.device("cpu")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 8
     ids = torch.arange(1, 5, device=device).clamp(max=vocab - 1).unsqueeze(0)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if accepted is not None and "attention_mask" not in accepted:
+        del inputs["attention_mask"]
+    return inputs
+
+
+def _forward_arguments(model: nn.Module) -> set[str] | None:
+    """Keyword arguments `model.forward` accepts; `None` when it takes `**kwargs` (anything goes)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin or C extension): try the forward as it is
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
 
 
 def _is_ancestor(ancestor: str, name: str) -> bool:

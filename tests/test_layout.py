@@ -104,6 +104,60 @@ def test_nested_lists_inside_blocks_are_not_the_stack():
 def test_override_table_wins_over_the_generic_rule(monkeypatch):
     # The generic rule covers every family above, so the table ships empty; an entry must be honoured.
     model = tiny_model("bert", "seq")
+
+    def generic_rule_fails(model):
+        raise AssertionError("the generic rule ran despite an override")
+
+    monkeypatch.setattr("hf_freeze.layout._find_blocks_path", generic_rule_fails)
+    monkeypatch.setitem(BLOCKS_PATH_OVERRIDES, "bert", "bert.encoder.layer")
+    assert find_layout(model).blocks_path == "bert.encoder.layer"
+
+
+def test_a_traced_forward_that_fails_unexpectedly_is_a_clear_error():
+    # Falling back to the input embeddings alone would leave the position / token-type embeddings and the
+    # LayerNorm trainable and outside the fingerprint while cached states went stale.
+    model = tiny_model("bert", "seq")
+
+    def broken(module, args):
+        raise RuntimeError("kernel exploded")
+
+    model.bert.embeddings.LayerNorm.register_forward_pre_hook(broken)
+    with pytest.raises(UnsupportedModelError, match=r"BertForSequenceClassification.*RuntimeError: kernel exploded"):
+        find_layout(model)
+
+
+def test_a_model_that_needs_more_inputs_is_refused_not_half_frozen():
+    # T5's decoder needs `decoder_input_ids`: tracing to its first block cannot run on `input_ids` alone.
+    config = T.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=16, num_layers=2, num_heads=2)
+    model = T.T5ForConditionalGeneration(config)
+    with pytest.raises(UnsupportedModelError, match="failed with ValueError: You must specify"):
+        find_layout(model, blocks_path="decoder.block")
+    encoder = find_layout(model, blocks_path="encoder.block")
+    assert encoder.embedding_names == ("encoder.embed_tokens", "encoder.dropout")
+
+
+def test_blocks_the_forward_never_runs_are_refused():
+    model = tiny_model("bert", "seq")
     model.extra = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
-    monkeypatch.setitem(BLOCKS_PATH_OVERRIDES, "bert", "extra")
-    assert find_layout(model).blocks_path == "extra"
+    with pytest.raises(UnsupportedModelError, match="without calling block 0 of `extra`"):
+        find_layout(model, blocks_path="extra")
+
+
+def test_a_model_that_takes_no_input_ids_uses_its_input_embeddings():
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(3)])
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, tokens):
+            hidden = self.embed(tokens)
+            for layer in self.layers:
+                hidden = layer(hidden)
+            return hidden
+
+    layout = find_layout(Tagger())
+    assert layout.blocks_path == "layers" and layout.embedding_names == ("embed",)

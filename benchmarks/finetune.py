@@ -105,11 +105,11 @@ class EvalTimeline(TrainerCallback):
 def run_one(args, method: str) -> dict:
     torch.manual_seed(args.seed)
     if args.task == "classification":
-        from recipes.text_classification import ClassificationArguments as Script
-        from recipes.text_classification import prepare
+        from hf_freeze.training import ClassificationArguments as Script
+        from hf_freeze.training import prepare_text_classification as prepare
     else:
-        from recipes.causal_lm import CausalLMArguments as Script
-        from recipes.causal_lm import prepare
+        from hf_freeze.training import CausalLMArguments as Script
+        from hf_freeze.training import prepare_causal_lm as prepare
     script = Script(model_name_or_path=args.model, max_train_samples=args.max_train_samples,
                     max_eval_samples=args.max_eval_samples)
     with tempfile.TemporaryDirectory() as output_dir:

@@ -28,8 +28,8 @@ from transformers import (
 
 from hf_freeze import PrefixCache, assets, find_layout, freeze_prefix, get_layout
 from hf_freeze.boundary_states import BoundaryStates
+from hf_freeze.data import causal_lm_data, classification_data
 from hf_freeze.prefix import PrefixRunner
-from recipes.data import causal_lm_data, classification_data
 
 
 def main() -> None:

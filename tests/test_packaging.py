@@ -1,0 +1,40 @@
+"""The wheel installs `hf_freeze` alone: no top-level `recipes` (or any other name a user's code might hold)."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Not sources of the package: keep the copy small and leave the checkout's build folders alone.
+IGNORED = (".git", ".venv", "outputs", "build", "dist", "*.egg-info", "__pycache__", "results", ".pytest_cache")
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*IGNORED), symlinks=True)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+               "-w", str(tmp_path / "dist"), str(source)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("hf_freeze-*.whl")
+    return wheel
+
+
+def test_the_wheel_holds_only_hf_freeze(tmp_path):
+    with zipfile.ZipFile(build_wheel(tmp_path)) as wheel:
+        names = wheel.namelist()
+        dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
+        entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode() if (
+            f"{dist_info}/entry_points.txt" in names) else ""
+    top_level = {name.split("/")[0] for name in names} - {dist_info}
+    assert top_level == {"hf_freeze"}
+    # what the recipes share moved into the package, with the data files the package needs at run time
+    for path in ("hf_freeze/training.py", "hf_freeze/data.py", "hf_freeze/metrics/accuracy/accuracy.py"):
+        assert path in names, path
+    # console scripts, if any, run code inside hf_freeze (no `hf-freeze-demo = recipes...`)
+    for line in entry_points.splitlines():
+        if "=" in line:
+            assert line.split("=", 1)[1].strip().startswith("hf_freeze"), line
+    assert "recipes" not in entry_points

@@ -286,6 +286,7 @@ def summarize(trainer: Trainer, timer: StepTimerCallback, metrics: dict[str, flo
         "boundary": frozen_boundary(trainer.model),
         "timeline": timeline,
         "phases": rows,
+        "logs": trainer.state.log_history,
     }
     lines = [f"\n==== hf_freeze: {title} ({script.method}) ===="]
     for key in ("eval_accuracy", "eval_f1", "eval_perplexity", "eval_loss"):

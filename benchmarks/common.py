@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from hf_freeze.atomic import write_text_atomic  # noqa: E402  (after the path: runs from a plain checkout too)
+
 
 def stamp() -> dict[str, str]:
     """What produced a result: library versions, git commit, machine."""
@@ -64,10 +66,10 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(name: str, payload: dict, table: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+    """`results/<name>.json` (the payload) and `results/<name>.md` (the stamp, then the table), each atomically."""
+    write_text_atomic(RESULTS / f"{name}.json", json.dumps(payload, indent=2, default=str))
     header = f"<!-- {json.dumps(payload['stamp'])} -->\n"
-    (RESULTS / f"{name}.md").write_text(header + table + "\n")
+    write_text_atomic(RESULTS / f"{name}.md", header + table + "\n")
     print(table)
     print(f"\nwritten to {RESULTS / name}.md/.json")
 

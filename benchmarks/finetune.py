@@ -227,8 +227,7 @@ def report(args, results: dict) -> None:
                        if (e.get(key, -1) >= target if classification else e.get(key, 1e9) <= target)]
             row["time to target s"] = reached[0]["train_seconds"] if reached else "never"
             if ideal_costs and result.get("timeline"):
-                ideal = sum(ideal_costs.get(b if b is not None else -1, ideal_costs[-1]) for b in result["boundaries"])
-                row["ideal speed-up"] = full["train_seconds"] / ideal
+                row["ideal speed-up"] = full["train_seconds"] / ideal_seconds(result["boundaries"], ideal_costs)
         rows.append(row)
     columns = ["method", "train s", "speed-up", "accuracy %" if classification else "perplexity",
                "time to target s", "ideal speed-up", "final boundary", "activations MB", "optimizer MB", "peak MB"]
@@ -244,23 +243,45 @@ def report(args, results: dict) -> None:
 
 
 def ideal_step_costs(args, results: dict) -> dict[int, float]:
-    """Seconds per step of a model holding only blocks [k, L) and the head, per boundary k the runs used.
+    """Seconds per step of a model holding only blocks [k, L) and the head, for every boundary k the runs used.
 
-    Scaled so that k = -1 (nothing frozen) matches the measured full fine-tuning step, measured in this process.
+    Every boundary is measured, boundary 0 included (embeddings frozen, every block active); `-1` (nothing frozen)
+    is the full fine-tuning step of this benchmark. See `step_costs`.
     """
     boundaries = sorted({b for r in results.values() for b in r["boundaries"] if b is not None})
-    command = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--model", args.model, "--batch-size",
-               str(args.batch_size), "--boundaries", *map(str, [b for b in boundaries if b >= 1] or [1]),
-               "--repeats", "6", "--task", args.task, "--name", f"ideal_steps_{args.model}_{args.task}"]
-    subprocess.run(command, check=True, cwd=ROOT)
+    subprocess.run(step_time_command(args, boundaries), check=True, cwd=ROOT)
     measured = json.loads((RESULTS / f"ideal_steps_{args.model}_{args.task}.json").read_text())["rows"]
     full_step = results["full"]["train_seconds"] / results["full"]["steps"]
-    scale = full_step / measured[0]["full s"]
-    costs = {-1: full_step, 0: full_step * measured[0]["frozen s"] / measured[0]["full s"]}  # conservative for 0
-    for row in measured:
+    return step_costs(measured, full_step, boundaries)
+
+
+def step_time_command(args, boundaries: list[int]) -> list[str]:
+    """`benchmarks/step_time.py` timing the ideal step at exactly `boundaries` (the unfrozen step as well)."""
+    return [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--model", args.model, "--batch-size",
+            str(args.batch_size), "--boundaries", *map(str, boundaries or [0]), "--repeats", "6", "--task",
+            args.task, "--name", f"ideal_steps_{args.model}_{args.task}"]
+
+
+def step_costs(rows: list[dict], full_step: float, boundaries: list[int]) -> dict[int, float]:
+    """Ideal seconds per step per boundary (`-1`: nothing frozen), from `step_time.py`'s rows.
+
+    The rows were timed in another process, so they are scaled by the ratio of this benchmark's full step to the
+    rows' own `full s`. A boundary the runs used but `rows` lack is an error rather than a guess.
+    """
+    scale = full_step / rows[0]["full s"]
+    costs = {-1: full_step}
+    for row in rows:
         if "ideal s" in row:
             costs[row["boundary k"]] = row["ideal s"] * scale
+    missing = sorted(set(boundaries) - costs.keys())
+    if missing:
+        raise ValueError(f"No ideal step time was measured at boundaries {missing}; measured: {sorted(costs)}.")
     return costs
+
+
+def ideal_seconds(boundaries: list[int | None], costs: dict[int, float]) -> float:
+    """Training time of a run whose steps ran at `boundaries` (`None`: nothing frozen) at the ideal step costs."""
+    return sum(costs[-1 if b is None else b] for b in boundaries)
 
 
 def plot(results: dict, key: str, path: Path, title: str) -> None:

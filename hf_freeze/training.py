@@ -58,6 +58,8 @@ TRAINING_DEFAULTS = {
 
 @dataclass
 class ScriptArguments:
+    """Flags both runs share: the method, the text column, truncation, subsets, the measured baseline."""
+
     method: str = field(
         default="freeze_cache",
         metadata={"help": "freeze_cache: FreezeTrainer; freeze: Trainer + FreezeCallback; full: no freezing.",
@@ -82,9 +84,10 @@ class ScriptArguments:
         return train, test
 
 
-
 @dataclass
 class ClassificationArguments(ScriptArguments):
+    """Flags of `run_text_classification` besides `FreezeConfig`'s and `TrainingArguments`'."""
+
     model_name_or_path: str = field(default="minilm", metadata={"help": "minilm | mpnet | a path | a Hub name"})
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | files | a Hub name"})
     label_column: str = field(default="label", metadata={"help": "Column with the integer label."})
@@ -92,6 +95,8 @@ class ClassificationArguments(ScriptArguments):
 
 @dataclass
 class CausalLMArguments(ScriptArguments):
+    """Flags of `run_causal_lm` besides `FreezeConfig`'s and `TrainingArguments`'."""
+
     model_name_or_path: str = field(default="smollm2", metadata={"help": "smollm2 | a path | a Hub name"})
     dataset: str = field(default="rotten_tomatoes", metadata={"help": "rotten_tomatoes | hamlet | files | Hub"})
 

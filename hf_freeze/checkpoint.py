@@ -208,6 +208,8 @@ def save_pretrained(
     """
     metadata = full_metadata(model, base_model=base_model, base_revision=base_revision, timeline=timeline)
 
+    save_kwargs.setdefault("state_dict", state_dict_for_save(model))
+
     def write(folder: Path) -> None:
         model.save_pretrained(folder, **save_kwargs)
         if tokenizer is not None:
@@ -215,6 +217,22 @@ def save_pretrained(
         write_text_atomic(folder / METADATA_NAME, metadata.to_json())
 
     return write_folder_atomic(directory, write, last=METADATA_NAME)
+
+
+def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()`, with tensors still shared between two names copied apart once the config no longer
+    ties them: freezing unties `lm_head` from the embeddings and sets `tie_word_embeddings=False`, and a tensor the
+    two heads still share (e.g. BERT's `decoder.bias` / `predictions.bias`) would otherwise be saved once and not
+    tied again on load."""
+    state = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", True):
+        return state
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            state[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
+    return state
 
 
 def full_metadata(model: nn.Module, *, base_model: str | None = None, base_revision: str | None = None,

@@ -220,7 +220,8 @@ def push_error(error: HfHubHTTPError, repo_id: str) -> PushError:
         404: f"the repo `{repo_id}` does not exist and could not be created: check the name",
     }
     fix = fixes.get(status, "check the repo name, your token's permissions and the server's message")
-    return PushError(f"The Hub refused the push to {repo_id} (HTTP {status}: {error}). Fix: {fix}.")
+    detail = getattr(error, "server_message", None) or str(error).splitlines()[0]
+    return PushError(f"The Hub refused the push to {repo_id} (HTTP {status}: {detail.strip()}). Fix: {fix}.")
 
 
 def card_for_folder(directory: str | os.PathLike, **kwargs: Any) -> ModelCard:

@@ -286,7 +286,7 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
                 _share_prefix(model, base, metadata, str(folder))
             freeze_prefix(model, metadata.boundary)
         return model
-    base_model = _resolve_base(base, metadata, from_pretrained_kwargs)
+    base_model = resolve_base(base, metadata, **from_pretrained_kwargs)
     base_layout = get_layout(base_model)
     check_base(base_model, metadata, where=str(folder), layout=base_layout)
     suffix = _read_suffix(folder, metadata)
@@ -402,8 +402,9 @@ def _architecture(metadata: FreezeMetadata) -> type:
     return cls
 
 
-def _resolve_base(base: Any, metadata: FreezeMetadata, kwargs: dict[str, Any]) -> nn.Module:
-    """The base as a model object: given, or loaded (with `AutoModel`, the prefix is the same in every head)."""
+def resolve_base(base: Any, metadata: FreezeMetadata, **kwargs: Any) -> nn.Module:
+    """The base as a model object: `base` itself, or loaded from a path / Hub id (default: the metadata's) with
+    `AutoModel` (the prefix and its fingerprint are the same in every head class)."""
     if isinstance(base, nn.Module):
         return base
     if base is None:

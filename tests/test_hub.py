@@ -155,3 +155,22 @@ def test_push_without_a_token_or_to_a_repo_that_refuses(hub, tmp_path):
     assert "HTTP 403" in lines[1] and "write token" in lines[1]
     assert "HTTP 401" in lines[2] and "log in again" in lines[2]
     assert "refused/tiny" not in hub.repos and "user/no-token" not in hub.repos
+
+
+def test_the_push_command(hub, tmp_path):
+    save_suffix(fine_tuned("gpt2", "seq"), tmp_path / "suffix", base_model="openai-community/gpt2")
+    env_code = f"""
+        import sys
+        from hf_freeze.cli import main
+        sys.exit(main(["push", {str(tmp_path / "suffix")!r}, "user/cli-suffix", "--message", "from the command"]))
+    """
+    result = check(run_client(hub, tmp_path, env_code))
+    assert "pushed" in result.stdout and "user/cli-suffix" in result.stdout
+    repo = hub.repos["user/cli-suffix"]
+    assert repo.messages == ["from the command"]
+    assert repo.files["hf_freeze.json"] == (tmp_path / "suffix" / "hf_freeze.json").read_bytes()
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.base_model == "openai-community/gpt2" and card.data.base_model_relation == "adapter"
+    assert "[openai-community/gpt2](https://huggingface.co/openai-community/gpt2)" in card.text
+    result = run_client(hub, tmp_path, env_code.replace("user/cli-suffix", "refused/cli"))
+    assert result.returncode == 1 and "HTTP 403" in result.stdout

@@ -173,6 +173,7 @@ def save_suffix(
                          base_revision=base_revision, timeline=timeline)
 
     def write(folder: Path) -> None:
+        model.config.architectures = [type(model).__name__]  # as `save_pretrained` does
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: 0)():
             model.generation_config.save_pretrained(folder)
@@ -342,7 +343,6 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
     from .assets import hub_id_for_path
 
     config = model.config
-    architectures = getattr(config, "architectures", None) or [type(model).__name__]
     name_or_path = str(getattr(config, "_name_or_path", "") or "") or None
     local_path = None
     if base_model is None and name_or_path:
@@ -355,7 +355,7 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
         num_blocks=layout.num_blocks,
         blocks_path=layout.blocks_path,
         suffix_only=suffix_only,
-        architecture=type(model).__name__ if type(model).__name__ in architectures else architectures[0],
+        architecture=type(model).__name__,
         base_model=base_model,
         base_revision=base_revision,
         base_model_path=local_path,

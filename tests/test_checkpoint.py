@@ -214,3 +214,65 @@ def test_an_interrupted_save_leaves_no_folder_and_no_metadata(tmp_path, monkeypa
         save_suffix(model, tmp_path / "old")
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before  # the old save is intact
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+# ---- the real packaged models ----
+
+REVIEWS = ["A gorgeous, witty, seductive movie.", "Unwatchable.",
+           "The plot is nothing but a tired rehash of better films, and it drags on for far too long."]
+
+
+def perturb_trainable(model, scale=1e-3):
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def test_minilm_suffix_round_trip(tmp_path):
+    from hf_freeze import assets
+
+    path = assets.model_path("minilm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    freeze_prefix(model, 4)
+    perturb_trainable(model)
+    model.eval()
+    save_suffix(model, tmp_path / "suffix", tokenizer=tokenizer)
+    metadata = read_metadata(tmp_path / "suffix")
+    assert metadata.base_model == "sentence-transformers/all-MiniLM-L6-v2"  # the Hub id, not the local folder
+    batch = tokenizer(REVIEWS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+        loaded = load_suffix(tmp_path / "suffix")  # the base from the metadata (the packaged offline copy)
+        assert torch.equal(loaded(**batch).logits, expected)
+        base = transformers.AutoModel.from_pretrained(path)
+        shared = load_suffix(tmp_path / "suffix", base=base)
+        assert shared.bert.encoder.layer[3].output.dense.weight is base.encoder.layer[3].output.dense.weight
+        assert torch.equal(shared(**batch).logits, expected)
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "suffix")
+    assert reloaded_tokenizer(REVIEWS)["input_ids"] == tokenizer(REVIEWS)["input_ids"]
+
+
+def test_smollm2_suffix_round_trip_and_a_mismatched_base(tmp_path):
+    from hf_freeze import assets
+
+    path = assets.model_path("smollm2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    freeze_prefix(model, 20)
+    perturb_trainable(model)
+    model.eval()
+    save_suffix(model, tmp_path / "suffix")
+    metadata = read_metadata(tmp_path / "suffix")
+    assert metadata.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and metadata.untied == ["lm_head.weight"]
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314], [1, 2683, 1032, 288, 5, 6]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = load_suffix(tmp_path / "suffix", dtype=torch.float32)
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    other = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        other.layers[19].mlp.down_proj.weight[0, 0] += 1e-3
+    with pytest.raises(BaseMismatchError, match=r"unit 20 \(block 19\)"):
+        load_suffix(tmp_path / "suffix", base=other)

@@ -28,6 +28,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import initialization
 
 from .atomic import write_folder_atomic, write_text_atomic
 from .fingerprint import chain_digests, unit_digests
@@ -293,7 +294,10 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
     suffix = _read_suffix(folder, metadata)
     config = transformers.AutoConfig.from_pretrained(folder)
     dtype = next(iter(base_model.parameters())).dtype
-    model = cls._from_config(config, dtype=dtype)
+    # No random init: every parameter is then shared from the base, copied from the suffix or tied (checked in
+    # `_load_suffix_tensors`), and the uninitialized prefix memory is released as soon as it is shared.
+    with initialization.no_init_weights():
+        model = cls._from_config(config, dtype=dtype)
     _share_prefix(model, base_model, metadata, str(folder))
     _load_suffix_tensors(model, suffix, metadata, str(folder))
     model.eval()

@@ -66,6 +66,8 @@ def describe_boundary(boundary: int | None) -> str:
         return "nothing"
     if boundary == 0:
         return "the embeddings"
+    if boundary == 1:
+        return "the embeddings and block 0"
     return f"the embeddings and blocks 0-{boundary - 1}"
 
 

@@ -17,8 +17,9 @@ from hub_server import TOKEN, HubServer
 from huggingface_hub import ModelCard
 from test_checkpoint import fine_tuned, logits
 
+from hf_freeze import FreezeConfig
 from hf_freeze.checkpoint import read_metadata, save_pretrained, save_suffix
-from hf_freeze.hub import evaluation_metrics
+from hf_freeze.hub import card_for_folder, describe_policy, evaluation_metrics, write_model_card
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,21 @@ def test_evaluation_metrics_leave_out_counters_and_runtimes():
     logs = {"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_runtime": 2.0, "eval_samples_per_second": 9.0,
             "eval_cache/hits": 4, "eval_cache/bytes": 1e6, "eval_freeze/boundary": 2, "epoch": 1.0, "loss": 0.7}
     assert evaluation_metrics(logs) == {"loss": 0.5, "accuracy": 0.75}
+
+
+def test_card_tables_and_policy_line(tmp_path):
+    model = fine_tuned("bert", "seq")
+    save_pretrained(model, tmp_path / "full", base_model="sentence-transformers/all-MiniLM-L6-v2")
+    history = [{"loss": 0.9, "step": 2}, {"eval_loss": 0.8, "eval_f1": 0.5, "epoch": 1.0, "step": 4},
+               {"loss": 0.7, "step": 6}, {"eval_loss": 0.6, "eval_f1": 0.7, "epoch": 2.0, "step": 8},
+               {"eval_loss": 0.6, "eval_f1": 0.7, "epoch": 2.0, "step": 8, "eval_runtime": 1.0}]
+    card = card_for_folder(tmp_path / "full", log_history=history, speedup=1.5, task="text-classification",
+                           policy=describe_policy(FreezeConfig(policy="schedule")))
+    table = card.text[card.text.index("| epoch | step |"):].split("\n\n")[0].splitlines()
+    assert table == ["| epoch | step | training loss | loss | f1 |", "|---|---|---|---|---|",
+                     "| 1.00 | 4 | 0.9000 | 0.8000 | 0.5000 |", "| 2.00 | 8 | 0.7000 | 0.6000 | 0.7000 |"]
+    assert "Speed-up over full fine-tuning: 1.50x" in card.text and "schedule_fraction=0.3333," in card.text
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and card.data.eval_results is None
 
 
 def test_suffix_pushed_and_loaded_by_repo_id(hub, tmp_path):
@@ -122,6 +138,9 @@ def test_freeze_trainer_push_to_hub(hub, tmp_path):
 def test_full_folder_pushed_and_loaded(hub, tmp_path):
     model = fine_tuned("bert", "seq")
     save_pretrained(model, tmp_path / "full")
+    # a card rendered before the repo existed loads from the local folder; the push points it at the repo
+    write_model_card(card_for_folder(tmp_path / "full", repo_id=str(tmp_path / "full")), tmp_path / "full")
+    assert f'from_pretrained("{tmp_path / "full"}")' in (tmp_path / "full" / "README.md").read_text()
     batch = tiny_batch(model, "seq")
     torch.save({k: v for k, v in batch.items() if k != "labels"}, tmp_path / "batch.pt")
     out = tmp_path / "logits.pt"
@@ -137,6 +156,9 @@ def test_full_folder_pushed_and_loaded(hub, tmp_path):
     """))
     assert torch.equal(torch.load(out), logits(model, "seq"))
     assert read_metadata(tmp_path / "full").boundary == 2
+    card = hub.repos["user/tiny-full"].files["README.md"].decode()
+    assert 'model = BertForSequenceClassification.from_pretrained("user/tiny-full")' in card
+    assert str(tmp_path) not in card
 
 
 def test_push_without_a_token_or_to_a_repo_that_refuses(hub, tmp_path):

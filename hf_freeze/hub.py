@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ LIBRARY_TAGS = ["hf-freeze", "layer-freezing"]
 # Logged values that describe the run, not the model's quality: never in `model-index` or the results table.
 _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step")
 _NOT_METRIC_PREFIXES = ("cache/", "freeze/", "total_flos")
+# The loading line of the card's snippet (see `_snippet`), whose argument `push_folder` points at the repo.
+_SNIPPET_SOURCE = re.compile(r'^(model = (?:load_suffix|\w+\.from_pretrained))\("[^"\n]*"\)', re.MULTILINE)
 
 
 _POLICY_KNOBS = {
@@ -64,7 +67,8 @@ def evaluation_metrics(logs: dict[str, Any]) -> dict[str, float]:
 
 def describe_policy(config: FreezeConfig) -> str:
     """One line for the card: the policy and its knobs, e.g. "`gradnorm` (interval='epoch', ...)"."""
-    knobs = ", ".join(f"{k}={getattr(config, k)!r}" for k in _POLICY_KNOBS.get(config.policy, ()))
+    values = {k: getattr(config, k) for k in _POLICY_KNOBS.get(config.policy, ())}
+    knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in values.items())
     return f"`{config.policy}` ({knobs}), prefix cache `{config.cache}`"
 
 
@@ -197,10 +201,16 @@ def push_folder(
             f"No Hugging Face token to push {directory} to {repo_id}. Log in with `hf auth login`, set `HF_TOKEN`, "
             "or pass `token=` (it needs write access)."
         )
-    if not (directory / CARD_NAME).exists():
+    card_path = directory / CARD_NAME
+    if not card_path.exists():
         plot = PLOT_NAME if (directory / PLOT_NAME).exists() else None
         write_model_card(build_model_card(metadata, model_name=repo_id.split("/")[-1], repo_id=repo_id, plot=plot),
                          directory)
+    else:  # a card rendered before the repo was known loads the model from a local path: point it at the repo
+        text = card_path.read_text()
+        retargeted = _SNIPPET_SOURCE.sub(lambda m: f'{m.group(1)}("{repo_id}")', text)
+        if retargeted != text:
+            write_text_atomic(card_path, retargeted)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -267,13 +277,15 @@ def _timeline_rows(timeline: list[dict[str, Any]]) -> str:
 
 def _results_table(log_history: list[dict[str, Any]]) -> str:
     """One row per evaluation: epoch, step, the last training loss before it, and the evaluation results."""
-    rows, train_loss = [], None
+    by_step, train_loss = {}, None
     for entry in log_history:
         if "loss" in entry:
             train_loss = entry["loss"]
         metrics = evaluation_metrics(entry)
-        if metrics:
-            rows.append((entry.get("epoch"), entry.get("step"), train_loss, metrics))
+        if metrics:  # a final `evaluate()` at the last step repeats that step's evaluation: keep one row
+            by_step[(entry.get("epoch"), entry.get("step"))] = (entry.get("epoch"), entry.get("step"), train_loss,
+                                                                metrics)
+    rows = list(by_step.values())
     if not rows:
         return ""
     names = list(dict.fromkeys(name for *_, metrics in rows for name in metrics))

@@ -251,6 +251,10 @@ def test_minilm_suffix_round_trip(tmp_path):
         shared = load_suffix(tmp_path / "suffix", base=base)
         assert shared.bert.encoder.layer[3].output.dense.weight is base.encoder.layer[3].output.dense.weight
         assert torch.equal(shared(**batch).logits, expected)
+    save_pretrained(model, tmp_path / "full", tokenizer=tokenizer)
+    with torch.no_grad():
+        full = load_suffix(tmp_path / "full")
+        assert frozen_boundary(full) == 4 and torch.equal(full(**batch).logits, expected)
     reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "suffix")
     assert reloaded_tokenizer(REVIEWS)["input_ids"] == tokenizer(REVIEWS)["input_ids"]
 
@@ -271,6 +275,12 @@ def test_smollm2_suffix_round_trip_and_a_mismatched_base(tmp_path):
         expected = model(input_ids=ids).logits
         loaded = load_suffix(tmp_path / "suffix", dtype=torch.float32)
         assert torch.equal(loaded(input_ids=ids).logits, expected)
+    del loaded
+    save_pretrained(model, tmp_path / "full")
+    with torch.no_grad():
+        full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+        assert torch.equal(full(input_ids=ids).logits, expected)
+    del full
     other = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         other.layers[19].mlp.down_proj.weight[0, 0] += 1e-3

@@ -33,7 +33,7 @@ from transformers import initialization
 from .atomic import write_folder_atomic, write_text_atomic
 from .fingerprint import chain_digests, unit_digests
 from .freezing import freeze_prefix, frozen_boundary, get_layout, untied_parameters
-from .layout import BlockLayout
+from .layout import BlockLayout, execution_device
 
 logger = logging.getLogger(__name__)
 
@@ -294,9 +294,11 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
     suffix = _read_suffix(folder, metadata)
     config = transformers.AutoConfig.from_pretrained(folder)
     dtype = next(iter(base_model.parameters())).dtype
+    # The suffix goes where the base's last frozen block computes (the base's device, unless it was dispatched).
+    device = execution_device(base_layout.unit_modules(metadata.boundary)[0])
     # No random init: every parameter is then shared from the base, copied from the suffix or tied (checked in
     # `_load_suffix_tensors`), and the uninitialized prefix memory is released as soon as it is shared.
-    with initialization.no_init_weights():
+    with initialization.no_init_weights(), torch.device(device):
         model = cls._from_config(config, dtype=dtype)
     _share_prefix(model, base_model, metadata, str(folder))
     _load_suffix_tensors(model, suffix, metadata, str(folder))
@@ -417,7 +419,13 @@ def resolve_base(base: Any, metadata: FreezeMetadata, **kwargs: Any) -> nn.Modul
     if not isinstance(base, (str, os.PathLike)):
         raise TypeError(f"`base` must be None, a model or a path / Hub id, got {type(base).__name__}.")
     kwargs = {k: v for k, v in kwargs.items() if k != "num_labels"}
-    return transformers.AutoModel.from_pretrained(base, **kwargs)
+    # Loading a task checkpoint's base class reports its head as unexpected: that is the point here, not news.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoModel.from_pretrained(base, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _base_source(metadata: FreezeMetadata) -> str:

@@ -210,9 +210,11 @@ def test_model_card_records_what_was_frozen_and_when(tmp_path):
     assert (tmp_path / "out" / "freeze_timeline.png").stat().st_size > 1000
 
 
-def test_freeze_trainer_saves_write_the_metadata(tmp_path):
-    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path), train_dataset=token_dataset(
-                            size=40), data_collator=PadCollator(), freeze_config=FreezeConfig(**SCHEDULE))
+@pytest.mark.parametrize("head", ["seq", "causal"])  # causal: BERT's LM head shares a bias the untied config drops
+def test_freeze_trainer_saves_write_the_metadata(head, tmp_path):
+    data = token_dataset(size=40, labels="seq" if head == "seq" else None)
+    trainer = FreezeTrainer(model=tiny_model("bert", head), args=training_args(tmp_path), train_dataset=data,
+                            data_collator=PadCollator(causal=head == "causal"), freeze_config=FreezeConfig(**SCHEDULE))
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     metadata = read_metadata(tmp_path / "final")

@@ -262,7 +262,7 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
             object, the returned model's frozen-prefix tensors ARE the base's tensors (shared, not copied), so many
             fine-tunes of one base hold one prefix in memory; they get `requires_grad=False`.
         **from_pretrained_kwargs: passed to `from_pretrained` when a base (or a full checkpoint) is loaded
-            (`dtype`, `revision`, `token`, ...).
+            (`dtype`, `token`, ...); `revision` is the checkpoint repo's (the base's comes from the metadata).
 
     Returns:
         `PreTrainedModel`: the fine-tuned model, frozen at the saved boundary (`freeze_prefix`).
@@ -278,14 +278,19 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
         topics = load_suffix("out/topics", base=base)
         ```
     """
-    folder = _local_folder(directory, from_pretrained_kwargs)
+    revision = from_pretrained_kwargs.pop("revision", None)
+    folder = _local_folder(directory, revision, from_pretrained_kwargs.get("token"))
     metadata = read_metadata(folder)
     cls = _architecture(metadata)
     if not metadata.suffix_only:
         model = cls.from_pretrained(folder, **from_pretrained_kwargs)
         if metadata.boundary is not None:
-            if isinstance(base, nn.Module):
+            if isinstance(base, nn.Module):  # share the base's prefix, once it is shown to be the same
+                check_base(base, metadata, where=str(folder))
                 _share_prefix(model, base, metadata, str(folder))
+            elif base is not None:
+                raise TypeError("A full checkpoint holds its own prefix: pass `base` only as a model object, to "
+                                f"share that model's prefix tensors (got {type(base).__name__}).")
             freeze_prefix(model, metadata.boundary)
         return model
     base_model = resolve_base(base, metadata, **from_pretrained_kwargs)
@@ -389,13 +394,19 @@ def _split_state_dict(model: nn.Module, layout: BlockLayout, boundary: int) -> t
     return prefix_keys, tied
 
 
-def _local_folder(directory: str | os.PathLike, kwargs: dict[str, Any]) -> Path:
+def _local_folder(directory: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
+    """`directory` itself, or the download of the Hub repo it names."""
     if Path(directory).is_dir():
         return Path(directory)
-    if isinstance(directory, str) and directory.count("/") == 1 and not directory.startswith((".", "/")):
+    if isinstance(directory, str) and directory.count("/") == 1 and not directory.startswith((".", "/", "~")):
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(directory, revision=kwargs.get("revision"), token=kwargs.get("token")))
+        try:
+            return Path(snapshot_download(directory, revision=revision, token=token))
+        except Exception as error:  # offline, not found, no access: say what was tried
+            raise CheckpointError(f"{directory} is not a local folder, and downloading it as a Hub repo failed "
+                                  f"({type(error).__name__}: {str(error).splitlines()[0]}). Pass the folder "
+                                  "save_suffix wrote, or a repo id you can read.") from error
     raise CheckpointError(f"{directory} is neither a folder nor a Hub repo id (`user/name`). Pass the folder that "
                           "save_suffix wrote, or the repo it was pushed to.")
 

@@ -286,3 +286,21 @@ def test_smollm2_suffix_round_trip_and_a_mismatched_base(tmp_path):
         other.layers[19].mlp.down_proj.weight[0, 0] += 1e-3
     with pytest.raises(BaseMismatchError, match=r"unit 20 \(block 19\)"):
         load_suffix(tmp_path / "suffix", base=other)
+
+
+def test_a_full_checkpoint_shares_a_matching_base_object_and_refuses_another(tmp_path):
+    model = fine_tuned("qwen2", "causal")
+    save_pretrained(model, tmp_path / "full")
+    base = tiny_model("qwen2", "base")
+    loaded = load_suffix(tmp_path / "full", base=base)
+    assert loaded.model.layers[1].mlp.up_proj.weight is base.layers[1].mlp.up_proj.weight
+    assert torch.equal(logits(loaded, "causal"), logits(model, "causal"))
+    with pytest.raises(BaseMismatchError):
+        load_suffix(tmp_path / "full", base=tiny_model("qwen2", "base", seed=3))
+
+
+def test_a_folder_that_is_neither_local_nor_downloadable(tmp_path):
+    with pytest.raises(CheckpointError, match="not a local folder, and downloading it as a Hub repo failed"):
+        load_suffix("nobody/nothing-here")  # HF_HUB_OFFLINE=1 in the tests
+    with pytest.raises(CheckpointError, match="neither a folder nor a Hub repo id"):
+        load_suffix(str(tmp_path / "missing" / "folder"))

@@ -32,8 +32,6 @@ _NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "s
 _NOT_METRIC_PREFIXES = ("cache/", "freeze/", "total_flos")
 # The loading line of the card's snippet (see `_snippet`), whose argument `push_folder` points at the repo.
 _SNIPPET_SOURCE = re.compile(r'^(model = (?:load_suffix|\w+\.from_pretrained))\("[^"\n]*"\)', re.MULTILINE)
-
-
 _POLICY_KNOBS = {
     "gradnorm": ("interval", "interval_steps", "percentile", "freeze_start", "max_boundary"),
     "schedule": ("schedule", "interval", "interval_steps", "schedule_fraction", "freeze_start", "freeze_level",

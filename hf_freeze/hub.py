@@ -84,6 +84,7 @@ def build_model_card(
     plot: str | None = None,
     language: str | None = None,
     license: str | None = None,
+    tags: list[str] | None = None,
 ) -> ModelCard:
     """A model card recording the base, the freeze (boundary, timeline, plot), the results and how to load it.
 
@@ -98,7 +99,8 @@ def build_model_card(
         speedup (`float`, *optional*): measured speed-up over full fine-tuning (e.g. the recipes' `--baseline_steps`).
         policy (`str`, *optional*): one line describing the freeze policy.
         plot (`str`, *optional*): file name of the timeline PNG uploaded beside the card.
-        language, license (`str`, *optional*): card metadata.
+        language, license (`str`, *optional*), tags (`list[str]`, *optional*): card metadata (tags are added to
+            hf_freeze's own).
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -120,7 +122,7 @@ def build_model_card(
     card_data = ModelCardData(
         base_model=base if _is_hub_id(base) else None,
         library_name="hf-freeze" if metadata.suffix_only else "transformers",
-        tags=[*LIBRARY_TAGS, *(["suffix-only"] if metadata.suffix_only else [])],
+        tags=list(dict.fromkeys([*LIBRARY_TAGS, *(["suffix-only"] if metadata.suffix_only else []), *(tags or [])])),
         pipeline_tag=task,
         datasets=[dataset] if dataset else None,
         eval_results=eval_results,

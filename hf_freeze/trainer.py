@@ -258,6 +258,7 @@ class FreezeTrainer(Trainer):
             plot=PLOT_NAME,
             language=_first(language),
             license=license,
+            tags=[tags] if isinstance(tags, str) else tags,
         )
         write_model_card(card, output_dir)
 

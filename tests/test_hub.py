@@ -121,7 +121,7 @@ def test_freeze_trainer_push_to_hub(hub, tmp_path):
                                 eval_dataset=token_dataset(size=16, seed=1), data_collator=PadCollator(),
                                 freeze_config=FreezeConfig(policy="schedule", interval=0.2, max_boundary=3))
         trainer.train()
-        trainer.push_to_hub(tasks="text-classification", dataset="tiny-tokens")
+        trainer.push_to_hub(tasks="text-classification", dataset="tiny-tokens", tags="my-tag")
     """))
     repo = hub.repos["user/tiny-bert"]
     assert {"model.safetensors", "config.json", "hf_freeze.json", "README.md", "freeze_timeline.png"} <= set(repo.files)
@@ -130,6 +130,7 @@ def test_freeze_trainer_push_to_hub(hub, tmp_path):
     assert metadata["boundary"] == 3 and not metadata["suffix_only"] and metadata["timeline"]
     card = ModelCard(repo.files["README.md"].decode())
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-classification"
+    assert {"hf-freeze", "my-tag"} <= set(card.data.tags)
     assert {r.metric_type for r in card.data.eval_results} == {"loss"}
     assert "![Freeze timeline" in card.text and "freeze_timeline.png" in card.text
     assert repo.files["freeze_timeline.png"].startswith(b"\x89PNG")

@@ -110,6 +110,16 @@ def test_suffix_pushed_and_loaded_by_repo_id(hub, tmp_path):
     """))
     assert torch.equal(torch.load(out), logits(model, "causal"))
 
+    # `hf-freeze inspect` on the repo id: downloads it, checks the base's fingerprint
+    result = check(run_client(hub, tmp_path, """
+        from hf_freeze.cli import main
+        main(["inspect", "user/tiny-llama-suffix", "--json"])
+    """))
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["metadata"]["suffix_only"] and report["metadata"]["boundary"] == 2
+    assert report["base_check"] == {"matches": True, "base": "user/tiny-llama"}
+    assert report["layout"]["class"] == "LlamaForCausalLM" and report["layout"]["frozen_boundary"] == 2
+
 
 def test_freeze_trainer_push_to_hub(hub, tmp_path):
     check(run_client(hub, tmp_path, f"""

@@ -38,7 +38,7 @@ def inspect_model(name_or_path: str, *, base: str | None = None, check: bool = T
     from ..assets import resolve_model
     from ..checkpoint import METADATA_NAME, BaseMismatchError, check_base, load_suffix, read_metadata, resolve_base
 
-    path = resolve_model(name_or_path)
+    path = _saved_repo(resolve_model(name_or_path))
     report: dict[str, Any] = {"model": name_or_path}
     if (Path(path) / METADATA_NAME).is_file():
         metadata = read_metadata(path)
@@ -125,6 +125,23 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             lines.append(f"  base check: MISMATCH. {check['error']}")
     return "\n".join(lines)
+
+
+def _saved_repo(path: str) -> str:
+    """A Hub repo saved by hf_freeze (it holds `hf_freeze.json`) is downloaded and inspected as a folder; any other
+    name is returned as is (a local folder, or a plain model `from_pretrained` finds)."""
+    from ..checkpoint import METADATA_NAME
+
+    if Path(path).exists() or path.count("/") != 1:
+        return path
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(path, METADATA_NAME)
+    except (EntryNotFoundError, OSError, ValueError):  # not saved by hf_freeze, not on the Hub, or offline
+        return path
+    return snapshot_download(path)
 
 
 def _load(path: str) -> Any:

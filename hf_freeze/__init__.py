@@ -2,6 +2,7 @@
 
 from .cache import PrefixCache, StaleCacheError
 from .callback import FreezeCallback
+from .checkpoint import BaseMismatchError, FreezeMetadata, load_suffix, read_metadata, save_suffix
 from .config import FreezeConfig
 from .freezing import FreezeResult, freeze_prefix, frozen_boundary, frozen_parameters, get_layout, unfreeze
 from .layout import BlockLayout, UnsupportedModelError, find_layout
@@ -11,10 +12,12 @@ from .trainer import FreezeTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BaseMismatchError",
     "BlockLayout",
     "FreezeCallback",
     "FreezeConfig",
     "FreezeDecision",
+    "FreezeMetadata",
     "FreezePolicy",
     "FreezeResult",
     "FreezeTrainer",
@@ -28,5 +31,8 @@ __all__ = [
     "frozen_boundary",
     "frozen_parameters",
     "get_layout",
+    "load_suffix",
+    "read_metadata",
+    "save_suffix",
     "unfreeze",
 ]

@@ -1,0 +1,58 @@
+"""Fingerprints of the frozen prefix: per-unit digests, chained; remembered only for frozen units."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from hf_freeze import find_layout, freeze_prefix, unfreeze
+from hf_freeze.fingerprint import chain_digests, prefix_fingerprint, unit_digest, unit_digests
+
+
+def tiny_bert(cls=BertForSequenceClassification, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=20)
+    return cls(config)
+
+
+def test_the_prefix_fingerprint_chains_the_unit_digests_and_covers_exactly_the_prefix():
+    model = tiny_bert()
+    layout = find_layout(model)
+    digests = [unit_digest(layout, unit) for unit in range(layout.num_units)]
+    assert len(set(digests)) == layout.num_units
+    assert prefix_fingerprint(model, layout, 2) == chain_digests(digests[:3])
+    before = {k: prefix_fingerprint(model, layout, k) for k in range(layout.num_blocks + 1)}
+    with torch.no_grad():
+        layout.blocks[1].output.dense.weight[0, 0] += 1e-3  # block 1 is unit 2: inside boundaries >= 2
+    after = {k: prefix_fingerprint(model, layout, k) for k in range(layout.num_blocks + 1)}
+    assert [before[k] == after[k] for k in range(layout.num_blocks + 1)] == [True, True, False, False]
+
+
+def test_the_head_and_class_do_not_change_it_but_the_seed_does():
+    task, base = tiny_bert(), tiny_bert(BertModel)
+    base.load_state_dict({k.removeprefix("bert."): v for k, v in task.state_dict().items() if k.startswith("bert.")},
+                         strict=False)
+    assert prefix_fingerprint(task, find_layout(task), 3) == prefix_fingerprint(base, find_layout(base), 3)
+    assert prefix_fingerprint(task, find_layout(task), 3, seed="x") != prefix_fingerprint(task, find_layout(task), 3)
+
+
+def test_frozen_units_are_hashed_once_and_forgotten_on_unfreeze(monkeypatch):
+    model = tiny_bert()
+    freeze_prefix(model, 2)
+    layout = find_layout(model)
+    calls = []
+    monkeypatch.setattr("hf_freeze.fingerprint.unit_digest",
+                        lambda lay, unit: calls.append(unit) or unit_digest(lay, unit))
+    unit_digests(model, layout, 3, frozen_boundary=2)
+    unit_digests(model, layout, 3, frozen_boundary=2)
+    assert calls == [0, 1, 2, 3, 3]  # frozen units 0..2 once; unit 3 (block 2, trainable) every time
+    unfreeze(model)
+    calls.clear()
+    unit_digests(model, layout, 1, frozen_boundary=1)
+    assert calls == [0, 1]
+
+
+def test_a_boundary_outside_the_model_is_refused():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="0 <= boundary <= 3"):
+        prefix_fingerprint(model, find_layout(model), 4)

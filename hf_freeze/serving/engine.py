@@ -1,0 +1,493 @@
+"""Serve one base model and any number of its fine-tunes, running the frozen prefix they share once per batch.
+
+A fine-tune frozen at boundary `k` has the base's own embeddings and blocks `[0, k)`. For a batch that mixes
+requests for several such models, the engine runs the base's prefix once for every row up to the smallest
+boundary present, advances each group of rows with a larger boundary from there, and then runs each model's own
+forward with its frozen blocks replaced by those states (`PrefixRunner.inject_states`): one suffix forward per
+model present. Everything goes through the models' own `forward`, so there is no per-family code.
+
+Generation shares the frozen layers at every decoding step, KV cache included: the prefix runs once for every row
+with one KV cache for layers `[0, k_min)`; each model's suffix keeps its own KV cache for its layers. Layers a
+forward skips are held by `_SkippedLayer` stand-ins that only report the sequence length, so the model builds its
+attention mask and positions exactly as in its own `generate`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.models.auto import modeling_auto
+
+from ..fingerprint import prefix_fingerprint
+from ..freezing import frozen_boundary, get_layout
+from ..layout import execution_device
+from ..prefix import PrefixRunner
+from .prefix_cache import StateCache
+
+TASKS = ("predict", "embed", "score", "generate")
+_DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+class ServingError(ValueError):
+    """A request the engine refuses; `error_type` and `status` are what the HTTP layer reports."""
+
+    error_type = "validation"
+    status = 422
+
+
+class UnknownModelError(ServingError):
+    error_type = "unknown_model"
+    status = 404
+
+
+class WrongTaskError(ServingError):
+    error_type = "wrong_task"
+    status = 424
+
+
+class BaseMismatchServingError(ValueError):
+    """A fine-tune's frozen prefix is not the base's (raised at load time, never per request)."""
+
+
+@dataclass
+class Request:
+    """One input for `predict` or `score`: token ids for the fine-tune `model` (`None`: the base)."""
+
+    input_ids: Sequence[int]
+    model: str | None = None
+
+
+@dataclass
+class EmbedRequest(Request):
+    """One input for `embed`; `normalize` scales the pooled vector to unit L2 norm."""
+
+    normalize: bool = True
+
+
+@dataclass
+class GenerationRequest(Request):
+    """One prompt for `generate`.
+
+    Attributes:
+        max_new_tokens (`int`): at most this many new tokens.
+        do_sample (`bool`): sample (with `temperature`, `top_k`, `top_p`, `seed`) instead of greedy decoding.
+        stop_token_ids (`Sequence[int]`): generation ends after any of these (the model's EOS ids always stop it).
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+
+
+@dataclass
+class GenerationResult:
+    """New token ids (the stop token included when one ended it) and why generation ended: `eos` or `length`."""
+
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class ServedModel:
+    """A model the engine serves.
+
+    Attributes:
+        name (`str`): the name requests use.
+        model (`nn.Module`): the model, in eval mode.
+        boundary (`int`): blocks `[0, boundary)` (and the embeddings) are the base's own; the base itself has
+            `boundary = num_blocks`; `0` means nothing beyond the embeddings is shared (no prefix to share).
+        tasks (`tuple[str, ...]`): what it can do (`predict`, `embed`, `score`, `generate`).
+        pooling (`str`): `mean` or `cls`, for `embed`.
+        parent (`str | None`): the base's name for a fine-tune.
+    """
+
+    name: str
+    model: nn.Module
+    boundary: int
+    tasks: tuple[str, ...]
+    pooling: str
+    parent: str | None
+    runner: PrefixRunner = field(repr=False)
+    max_input_tokens: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (for `GET /info`)."""
+        config = getattr(self.model, "config", None)
+        id2label = getattr(config, "id2label", None) if "predict" in self.tasks else None
+        return {"name": self.name, "parent": self.parent, "architecture": type(self.model).__name__,
+                "boundary": self.boundary, "tasks": list(self.tasks), "pooling": self.pooling,
+                "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
+                "max_input_tokens": self.max_input_tokens}
+
+
+class ServingEngine:
+    """One base and its fine-tunes, served through the shared frozen prefix.
+
+    Args:
+        base (`nn.Module`): the base model (any transformers model; its own task head is served under `base_name`).
+        base_name (`str`, defaults to `"base"`): name of the base in requests (a request without `model` uses it).
+        pooling (`str`, *optional*): `"mean"` or `"cls"` for `embed`; default: the sentence-transformers pooling
+            config next to the base (`1_Pooling/config.json`) when present, else mean.
+        cache_bytes (`int`, defaults to 256 MiB): budget of the repeated-input cache of boundary states; 0 disables.
+        share_prefix (`bool`, defaults to `True`): `False` runs every model's full forward on its own rows (the
+            baseline that the shared prefix is measured against).
+
+    Example:
+        ```python
+        engine = ServingEngine(base_model)
+        engine.add_model("sst2", finetuned)       # frozen at k with freeze_prefix, prefix == base's
+        engine.predict([Request([101, 2023, 102], model="sst2")])  # [logits tensor]
+        ```
+    """
+
+    def __init__(self, base: nn.Module, *, base_name: str = "base", pooling: str | None = None,
+                 cache_bytes: int = _DEFAULT_CACHE_BYTES, share_prefix: bool = True,
+                 source: str | Path | None = None) -> None:
+        self.base = base.eval()
+        self.base_layout = get_layout(base)
+        self.base_runner = PrefixRunner(base, self.base_layout)
+        self.num_blocks = self.base_layout.num_blocks
+        self.base_name = base_name
+        self.source = str(source) if source is not None else None
+        self.share_prefix = share_prefix
+        self.pooling = pooling or _sentence_transformers_pooling(source) or "mean"
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"`pooling` must be 'mean' or 'cls', got {self.pooling!r}.")
+        self.fingerprint = prefix_fingerprint(base, self.base_layout, self.num_blocks)
+        self._prefix_fingerprints: dict[int, str] = {self.num_blocks: self.fingerprint}
+        self.cache = StateCache(cache_bytes)
+        self.models: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
+        self._register(base_name, base, self.num_blocks, parent=None)
+
+    # ----------------------------------------------------------------------------------------------- models
+    def add_model(self, name: str, model: nn.Module, boundary: int | None = None) -> ServedModel:
+        """Serve `model` under `name`; its embeddings and blocks `[0, boundary)` must equal the base's.
+
+        Args:
+            name (`str`): request name; must be new.
+            model (`nn.Module`): a fine-tune of the base (same architecture of blocks).
+            boundary (`int`, *optional*): shared blocks; default: the model's frozen boundary (`freeze_prefix`).
+
+        Raises:
+            `BaseMismatchServingError`: the model's prefix differs from the base's (both fingerprints named).
+        """
+        if name in self.models:
+            raise ValueError(f"A model named {name!r} is already served; choose another name.")
+        boundary = frozen_boundary(model) if boundary is None else boundary
+        if boundary is None:
+            raise ValueError(f"Model {name!r} has no frozen prefix: freeze it with `freeze_prefix(model, k)` or pass "
+                             "`boundary=` (the number of leading blocks it shares with the base).")
+        layout = get_layout(model)
+        if layout.num_blocks != self.num_blocks or not 0 <= boundary <= self.num_blocks:
+            raise BaseMismatchServingError(
+                f"Model {name!r} has {layout.num_blocks} blocks and boundary {boundary}; the base has "
+                f"{self.num_blocks} blocks. A fine-tune must keep the base's block stack.")
+        expected = self._base_prefix_fingerprint(boundary)
+        found = prefix_fingerprint(model, layout, boundary, frozen_boundary=frozen_boundary(model))
+        if found != expected:
+            raise BaseMismatchServingError(
+                f"Model {name!r} was not fine-tuned from this base: its prefix at boundary {boundary} has fingerprint "
+                f"{found}, the base's has {expected}. Serve it with the base it was trained from.")
+        return self._register(name, model.eval(), boundary, parent=self.base_name)
+
+    def load_model(self, name: str, path: str | Path) -> ServedModel:
+        """Load a suffix-only or full checkpoint saved by hf_freeze onto the base and serve it under `name`.
+
+        The checkpoint's frozen-prefix tensors become the base's own (shared, not copied); a checkpoint of another
+        base is refused by `hf_freeze.checkpoint.load_suffix` (`BaseMismatchError`, naming both fingerprints).
+        """
+        from ..checkpoint import load_suffix, read_metadata  # the hub issue's module
+
+        metadata = read_metadata(path)
+        model = load_suffix(path, base=self.base)
+        return self.add_model(name, model, boundary=metadata.boundary)
+
+    @classmethod
+    def from_pretrained(cls, base_path: str | Path, models: Mapping[str, str | Path] | None = None,
+                        **kwargs: Any) -> ServingEngine:
+        """Load the base from `base_path` (the class its config names in `architectures`), then each fine-tune."""
+        base = load_base(base_path)
+        engine = cls(base, source=base_path, **kwargs)
+        for name, path in (models or {}).items():
+            engine.load_model(name, path)
+        return engine
+
+    def model_for(self, name: str | None, task: str) -> ServedModel:
+        """The served model `name` (`None`: the base); raises `UnknownModelError` / `WrongTaskError`."""
+        served = self.models.get(self.base_name if name is None else name)
+        if served is None:
+            raise UnknownModelError(f"Unknown model {name!r}; served models: {sorted(self.models)}.")
+        if task not in served.tasks:
+            raise WrongTaskError(f"Model {served.name!r} ({type(served.model).__name__}) cannot {task}; it serves "
+                                 f"{list(served.tasks)}. Models that can {task}: "
+                                 f"{sorted(n for n, m in self.models.items() if task in m.tasks)}.")
+        return served
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    @torch.no_grad()
+    def predict(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Sequence-classification logits `[num_labels]` for each request (float32, on the CPU)."""
+        outputs = self._run("predict", requests)
+        return [out.logits[row].float().cpu() for out, row in outputs]
+
+    @torch.no_grad()
+    def embed(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Pooled last hidden state `[hidden]` for each request (mean or CLS, as `pooling` says)."""
+        outputs = self._run("embed", requests)
+        vectors = []
+        for request, (out, row) in zip(requests, outputs):
+            hidden = out.last_hidden_state[row, : len(request.input_ids)].float()
+            vector = hidden[0] if self.models[self._name(request)].pooling == "cls" else hidden.mean(0)
+            if getattr(request, "normalize", False):
+                vector = torch.nn.functional.normalize(vector, dim=-1)
+            vectors.append(vector.cpu())
+        return vectors
+
+    @torch.no_grad()
+    def score(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Log-likelihood of each token given the ones before it (`[len(input_ids) - 1]`) under a causal LM."""
+        outputs = self._run("score", requests)
+        scores = []
+        for request, (out, row) in zip(requests, outputs):
+            n = len(request.input_ids)
+            logprobs = torch.log_softmax(out.logits[row, : n - 1].float(), dim=-1)
+            target = torch.as_tensor(list(request.input_ids[1:]), device=logprobs.device)
+            scores.append(logprobs.gather(-1, target[:, None])[:, 0].cpu())
+        return scores
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Decode every prompt of the batch together; each step runs the shared prefix once for every row."""
+        from .generation import generate_batch
+
+        self._validate("generate", requests)
+        with self._lock:
+            return generate_batch(self, requests)
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _register(self, name: str, model: nn.Module, boundary: int, parent: str | None) -> ServedModel:
+        tasks = _tasks_of(model)
+        config = getattr(model, "config", None)
+        served = ServedModel(name=name, model=model, boundary=boundary, tasks=tasks, pooling=self.pooling,
+                             parent=parent, runner=PrefixRunner(model, get_layout(model)),
+                             max_input_tokens=getattr(config, "max_position_embeddings", None))
+        self.models[name] = served
+        return served
+
+    def _base_prefix_fingerprint(self, boundary: int) -> str:
+        if boundary not in self._prefix_fingerprints:
+            self._prefix_fingerprints[boundary] = prefix_fingerprint(self.base, self.base_layout, boundary)
+        return self._prefix_fingerprints[boundary]
+
+    def _name(self, request: Request) -> str:
+        return self.base_name if request.model is None else request.model
+
+    def _validate(self, task: str, requests: Sequence[Request]) -> None:
+        for request in requests:
+            served = self.model_for(request.model, task)
+            if len(request.input_ids) == 0:
+                raise ServingError("An input has no tokens; send at least one token.")
+            if task == "score" and len(request.input_ids) < 2:
+                raise ServingError("Scoring needs at least two tokens (the first one is only context).")
+            extra = getattr(request, "max_new_tokens", 0)
+            if served.max_input_tokens and len(request.input_ids) + extra > served.max_input_tokens:
+                raise ServingError(f"An input of {len(request.input_ids)} tokens (+ {extra} new) exceeds the "
+                                   f"{served.max_input_tokens} positions of model {served.name!r}; truncate it.")
+
+    def _shares(self, served: ServedModel) -> bool:
+        return self.share_prefix and served.boundary >= 1
+
+    def _run(self, task: str, requests: Sequence[Request]) -> list[tuple[Any, int]]:
+        """Forward every request for `task`; returns, per request, (its model's output, its row in it)."""
+        self._validate(task, requests)
+        with self._lock:
+            states = self._boundary_states(requests)
+            by_model: dict[str, list[int]] = defaultdict(list)
+            for i, request in enumerate(requests):
+                by_model[self._name(request)].append(i)
+            results: list[tuple[Any, int]] = [None] * len(requests)  # type: ignore[list-item]
+            for name, rows in by_model.items():
+                served = self.models[name]
+                inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(served.model),
+                                       execution_device(served.runner.layout.embeddings[0]))
+                inputs.update(_no_cache_kwargs(served.model))
+                if self._shares(served):
+                    padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
+                    with served.runner.inject_states(padded, served.boundary):
+                        out = served.model(**inputs)
+                else:
+                    out = served.model(**inputs)
+                for row, i in enumerate(rows):
+                    results[i] = (out, row)
+            return results
+
+    def _boundary_states(self, requests: Sequence[Request]) -> dict[int, torch.Tensor]:
+        """Unpadded `[tokens, hidden]` states at its model's boundary, for each request whose model shares the
+        prefix: from the repeated-input cache, else computed (prefix to the smallest boundary, then advanced)."""
+        states: dict[int, torch.Tensor] = {}
+        missing: dict[int, int] = {}  # request index -> boundary
+        for i, request in enumerate(requests):
+            served = self.models[self._name(request)]
+            if not self._shares(served):
+                continue
+            key = (self.fingerprint, served.boundary, tuple(int(t) for t in request.input_ids))
+            cached = self.cache.get(key) if self.cache.max_bytes else None
+            if cached is not None:
+                states[i] = cached
+            else:
+                missing[i] = served.boundary
+        if not missing:
+            return states
+        rows = list(missing)
+        device = execution_device(self.base_layout.embeddings[0])
+        inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(self.base), device)
+        inputs.update(_no_cache_kwargs(self.base))
+        k_min = min(missing.values())
+        shared = self.base_runner.boundary_states(inputs, k_min)
+        by_boundary: dict[int, list[int]] = defaultdict(list)
+        for row, i in enumerate(rows):
+            by_boundary[missing[i]].append(row)
+        for boundary, group in sorted(by_boundary.items()):
+            if boundary == k_min:
+                computed = shared[group]
+            else:
+                index = torch.tensor(group, device=shared.device)
+                sub = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                computed = self.base_runner.boundary_states(sub, boundary, start=(k_min, shared[index]))
+            for row, states_row in zip(group, computed):
+                i = rows[row]
+                states[i] = states_row[: len(requests[i].input_ids)].detach()
+                if self.cache.max_bytes:
+                    key = (self.fingerprint, boundary, tuple(int(t) for t in requests[i].input_ids))
+                    self.cache.put(key, states[i].clone())
+        return states
+
+
+def load_base(path: str | Path) -> nn.Module:
+    """Load a base model folder with the class its `config.json` names (`architectures[0]`), else `AutoModel`."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls or transformers.AutoModel).from_pretrained(path, dtype=torch.float32)
+
+
+def _tasks_of(model: nn.Module) -> tuple[str, ...]:
+    """Tasks from transformers' own auto-class mappings (which class a family uses for which head)."""
+    name = type(model).__name__
+
+    def mapped(mapping: Mapping[str, Any]) -> bool:
+        return any(name == v or (isinstance(v, (tuple, list)) and name in v) for v in mapping.values())
+
+    tasks = []
+    if mapped(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        tasks.append("predict")
+    if mapped(modeling_auto.MODEL_MAPPING_NAMES):
+        tasks.append("embed")
+    if mapped(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        tasks.append("score")
+        if getattr(model, "can_generate", lambda: False)():
+            tasks.append("generate")
+    return tuple(tasks)
+
+
+def _sentence_transformers_pooling(source: str | Path | None) -> str | None:
+    """`cls` or `mean` from a sentence-transformers `1_Pooling/config.json` beside the model, if any."""
+    if source is None:
+        return None
+    config = Path(source) / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    values = json.loads(config.read_text())
+    if values.get("pooling_mode_cls_token"):
+        return "cls"
+    if values.get("pooling_mode_mean_tokens"):
+        return "mean"
+    raise ValueError(f"{config} asks for a pooling other than CLS or mean ({values}); pass `pooling=` explicitly.")
+
+
+def _pad_id(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return int(pad) if pad is not None else 0
+
+
+def _right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _pad_states(per_row: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Right-pad unpadded `[tokens_i, hidden]` states with zeros into `[rows, length, hidden]`."""
+    first = per_row[0]
+    out = first.new_zeros(len(per_row), length, first.shape[-1])
+    for row, states in enumerate(per_row):
+        out[row, : states.shape[0]] = states
+    return out
+
+
+def _no_cache_kwargs(model: nn.Module) -> dict[str, Any]:
+    """`use_cache=False` where the forward takes it: one-shot forwards need no KV cache."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+class _SkippedLayer(DynamicLayer):
+    """KV-cache layer of a block that another forward runs: reports the sequence length (so masks and positions
+    are built as usual) and refuses updates."""
+
+    def __init__(self, clock: _Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def get_seq_length(self) -> int:
+        return self.clock.past
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.clock.past + query_length, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        raise RuntimeError("A block whose KV cache lives in the shared prefix ran in a suffix forward.")
+
+
+@dataclass
+class _Clock:
+    past: int = 0
+
+
+def _partial_cache(model: nn.Module, num_blocks: int, skipped: int, clock: _Clock) -> DynamicCache:
+    """A `DynamicCache` for `model` whose layers `[0, skipped)` are `_SkippedLayer`s."""
+    cache = DynamicCache(config=model.config)
+    while len(cache.layers) < num_blocks:
+        cache.layers.append(DynamicLayer())
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ServingError(f"Generation through a shared prefix needs full-attention KV caches; "
+                           f"{type(model).__name__} uses {sorted(kinds)}.")
+    for i in range(skipped):
+        cache.layers[i] = _SkippedLayer(clock)
+    return cache

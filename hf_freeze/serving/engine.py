@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.models.auto import modeling_auto
 
-from ..fingerprint import prefix_fingerprint
+from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
 from ..prefix import PrefixRunner
@@ -207,16 +207,30 @@ class ServingEngine:
         return self._register(name, model.eval(), boundary, parent=self.base_name)
 
     def load_model(self, name: str, path: str | Path) -> ServedModel:
-        """Load a suffix-only or full checkpoint saved by hf_freeze onto the base and serve it under `name`.
+        """Load a fine-tune from `path` and serve it under `name`.
 
-        The checkpoint's frozen-prefix tensors become the base's own (shared, not copied); a checkpoint of another
-        base is refused by `hf_freeze.checkpoint.load_suffix` (`BaseMismatchError`, naming both fingerprints).
+        A folder saved by hf_freeze (suffix-only or full, with its freeze metadata) loads through
+        `hf_freeze.checkpoint.load_suffix`: its frozen-prefix tensors become the base's own (shared, not copied),
+        and a checkpoint of another base is refused there (`BaseMismatchError`, naming both fingerprints). A plain
+        transformers folder loads with the class its config names; it shares the leading units (embeddings, then
+        blocks) whose weights equal the base's, and is refused when not even its embeddings do.
+
+        Raises:
+            `BaseMismatchServingError`: `path` is a fine-tune of another base (the message names `path`).
         """
-        from ..checkpoint import load_suffix, read_metadata  # the hub issue's module
-
-        metadata = read_metadata(path)
-        model = load_suffix(path, base=self.base)
-        return self.add_model(name, model, boundary=metadata.boundary)
+        try:
+            from ..checkpoint import METADATA_NAME, BaseMismatchError, load_suffix, read_metadata
+        except ImportError:  # the checkpoint module (hub issue) is not installed with this version
+            METADATA_NAME = None
+        if METADATA_NAME is not None and (Path(path) / METADATA_NAME).is_file():
+            metadata = read_metadata(path)
+            try:
+                model = load_suffix(path, base=self.base)
+            except BaseMismatchError as error:
+                raise BaseMismatchServingError(f"Cannot serve {path} as {name!r}: {error}") from error
+            return self.add_model(name, model, boundary=metadata.boundary)
+        model = load_base(path)
+        return self.add_model(name, model, boundary=self._shared_units(model, name, path))
 
     @classmethod
     def from_pretrained(cls, base_path: str | Path, models: Mapping[str, str | Path] | None = None,
@@ -276,7 +290,7 @@ class ServingEngine:
         """Decode every prompt of the batch together; each step runs the shared prefix once for every row."""
         from .generation import generate_batch
 
-        self._validate("generate", requests)
+        self.validate("generate", requests)
         with self._lock:
             return generate_batch(self, requests)
 
@@ -290,6 +304,21 @@ class ServingEngine:
         self.models[name] = served
         return served
 
+    def _shared_units(self, model: nn.Module, name: str, path: str | Path) -> int:
+        """Boundary up to which `model`'s weights equal the base's (its leading equal units, minus one)."""
+        layout = get_layout(model)
+        if layout.num_blocks != self.num_blocks:
+            raise BaseMismatchServingError(f"Cannot serve {path} as {name!r}: it has {layout.num_blocks} blocks, the "
+                                           f"base has {self.num_blocks}.")
+        base_units = unit_digests(self.base, self.base_layout, self.num_blocks, frozen_boundary=self.num_blocks)
+        units = unit_digests(model, layout, self.num_blocks)
+        equal = next((i for i, (a, b) in enumerate(zip(base_units, units)) if a != b), len(units))
+        if equal == 0:
+            raise BaseMismatchServingError(
+                f"Cannot serve {path} as {name!r}: it was not fine-tuned from this base (its embeddings have "
+                f"fingerprint {chain_digests(units[:1])}, the base's have {chain_digests(base_units[:1])}).")
+        return equal - 1
+
     def _base_prefix_fingerprint(self, boundary: int) -> str:
         if boundary not in self._prefix_fingerprints:
             self._prefix_fingerprints[boundary] = prefix_fingerprint(self.base, self.base_layout, boundary)
@@ -298,8 +327,14 @@ class ServingEngine:
     def _name(self, request: Request) -> str:
         return self.base_name if request.model is None else request.model
 
-    def _validate(self, task: str, requests: Sequence[Request]) -> None:
+    def validate(self, task: str, requests: Sequence[Request]) -> None:
+        """Refuse a bad batch before any work: unknown model, wrong task, empty or too long input, bad
+        generation parameters (`ServingError` and subclasses, each naming the problem and the fix)."""
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; choose one of {list(TASKS)}.")
         for request in requests:
+            if isinstance(request, GenerationRequest):
+                _validate_generation(request)
             served = self.model_for(request.model, task)
             if len(request.input_ids) == 0:
                 raise ServingError("An input has no tokens; send at least one token.")
@@ -315,7 +350,7 @@ class ServingEngine:
 
     def _run(self, task: str, requests: Sequence[Request]) -> list[tuple[Any, int]]:
         """Forward every request for `task`; returns, per request, (its model's output, its row in it)."""
-        self._validate(task, requests)
+        self.validate(task, requests)
         with self._lock:
             states = self._boundary_states(requests)
             by_model: dict[str, list[int]] = defaultdict(list)
@@ -377,6 +412,19 @@ class ServingEngine:
                     key = (self.fingerprint, boundary, tuple(int(t) for t in requests[i].input_ids))
                     self.cache.put(key, states[i].clone())
         return states
+
+
+def _validate_generation(request: GenerationRequest) -> None:
+    n = request.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ServingError(f"`max_new_tokens` must be an int >= 1, got {n!r}.")
+    if request.do_sample:
+        if not request.temperature > 0:
+            raise ServingError(f"`temperature` must be > 0 when sampling, got {request.temperature!r}.")
+        if request.top_p is not None and not 0 < request.top_p <= 1:
+            raise ServingError(f"`top_p` must be in (0, 1], got {request.top_p!r}.")
+        if request.top_k is not None and request.top_k < 0:
+            raise ServingError(f"`top_k` must be >= 0, got {request.top_k!r}.")
 
 
 def load_base(path: str | Path) -> nn.Module:

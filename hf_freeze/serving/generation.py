@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..layout import execution_device
-from .engine import GenerationRequest, GenerationResult, ServingError, _Clock, _pad_id, _partial_cache
+from .engine import GenerationRequest, GenerationResult, _Clock, _pad_id, _partial_cache
 
 if TYPE_CHECKING:
     from .engine import ServedModel, ServingEngine
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 def generate_batch(engine: ServingEngine, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
     """Decode `requests` together (see the module docstring); returns one result per request, in order."""
-    for request in requests:
-        if isinstance(request.max_new_tokens, bool) or not isinstance(request.max_new_tokens, int) \
-                or request.max_new_tokens < 1:
-            raise ServingError(f"`max_new_tokens` must be an int >= 1, got {request.max_new_tokens!r}.")
     served = [engine.models[engine._name(r)] for r in requests]
     device = execution_device(engine.base_layout.embeddings[0])
     pad = _pad_id(engine.base)
@@ -119,8 +115,6 @@ class _Sampler:
         self.do_sample = request.do_sample
         if not self.do_sample:
             return
-        if request.temperature <= 0:
-            raise ServingError(f"`temperature` must be > 0 when sampling, got {request.temperature}.")
         warpers = []
         if request.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(request.temperature))

@@ -91,7 +91,8 @@ def test_predict_over_http_equals_each_models_own_forward(classifier_server):
         model = models[name or "base"]
         for ids, labels in zip(inputs, answer):
             expected = _probs(model, ids)
-            assert [x["label"] for x in labels] == [model.config.id2label[int(i)] for i in expected.argsort(descending=True)]
+            order = expected.argsort(descending=True)
+            assert [x["label"] for x in labels] == [model.config.id2label[int(i)] for i in order]
             got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
             torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
     single = httpx.post(f"{url}/predict", json={"inputs": inputs[0], "model": "k1", "raw_scores": True}).json()

@@ -14,12 +14,18 @@ def perturbed_finetune(family: str, head: str, boundary: int, seed: int, base: t
     model = tiny_model(family, head, seed=0)
     if base is not None:
         model.base_model.load_state_dict(base.base_model.state_dict())
+    return perturb_suffix(model, boundary, seed)
+
+
+def perturb_suffix(model: torch.nn.Module, boundary: int, seed: int, scale: float = 0.3) -> torch.nn.Module:
+    """Freeze `model` at `boundary`, then add noise (`scale` x each tensor's std) to every trainable parameter."""
     freeze_prefix(model, boundary)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
             if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=g) * (param.std() if param.numel() > 1 else 1))
+                noise = torch.randn(param.shape, generator=g) * (param.std() if param.numel() > 1 else 1)
+                param.add_(scale * noise)
     return model.eval()
 
 

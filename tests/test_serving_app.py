@@ -9,20 +9,18 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from conftest import tiny_model
 from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import freeze_prefix
 from hf_freeze.serving import ServingEngine
-from hf_freeze.serving.app import create_app
+from hf_freeze.serving.app import create_app, serve_in_thread
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -32,25 +30,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """uvicorn in a thread on a free loopback port; yields the base URL."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +42,7 @@ def classifier_server():
         engine.add_model(name, models[name])
     app = create_app(engine, max_wait_ms=2, max_batch_tokens=512, max_client_batch_size=8, max_queue=256,
                      max_body_bytes=4096)
-    with running_server(app) as url:
+    with serve_in_thread(app) as url:
         yield url, engine, models
 
 
@@ -73,7 +52,7 @@ def decoder_server():
     models = {"base": base, "k2": perturbed_finetune("llama", "causal", 2, seed=2, base=base)}
     engine = ServingEngine(base)
     engine.add_model("k2", models["k2"])
-    with running_server(create_app(engine, max_wait_ms=2, max_queue=1)) as url:
+    with serve_in_thread(create_app(engine, max_wait_ms=2, max_queue=1)) as url:
         yield url, engine, models
 
 

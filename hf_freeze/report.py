@@ -123,3 +123,31 @@ def plot_timeline(records: list[StepRecord], path: str | Path, title: str = "hf_
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_boundary_timeline(timeline: list[dict[str, Any]], path: str | Path, *, num_blocks: int, max_steps: int,
+                           title: str = "hf_freeze: frozen boundary") -> Path:
+    """A PNG of the frozen boundary against the optimizer step, from a freeze timeline alone (no step times)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, boundaries = [0], [-1]
+    for event in timeline:
+        steps.append(event["step"])
+        boundaries.append(event["boundary"])
+    steps.append(max(max_steps, steps[-1]))
+    boundaries.append(boundaries[-1])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.step(steps, boundaries, where="post", color="tab:red", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("frozen blocks (-1: none, 0: embeddings)")
+    ax.set_ylim(-1.5, num_blocks + 0.5)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -15,22 +15,35 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import get_token
+from huggingface_hub.errors import HfHubHTTPError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .boundary_states import BoundaryStates
 from .cache import PrefixCache
 from .callback import FreezeCallback
+from .checkpoint import FreezeMetadata, full_metadata, state_dict_for_save, write_metadata
 from .config import FreezeConfig
-from .freezing import frozen_boundary, get_layout, untied_parameters
+from .freezing import frozen_boundary, get_layout
+from .hub import (
+    PLOT_NAME,
+    PushError,
+    build_model_card,
+    describe_policy,
+    evaluation_metrics,
+    push_error,
+    write_model_card,
+)
 from .keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
-from .model_card import append_to_model_card, render_freeze_section
 from .prefix import PrefixRunner
+from .report import plot_boundary_timeline
 
 logger = logging.getLogger(__name__)
 
@@ -195,33 +208,72 @@ class FreezeTrainer(Trainer):
         provider.cache.flush()
         return len(provider.cache)
 
-    # ---- model card ----
+    # ---- saving, model card, push ----
 
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """`Trainer.create_model_card`, plus a section recording what was frozen, when and why."""
-        super().create_model_card(*args, **kwargs)
-        if self.is_world_process_zero():
-            append_to_model_card(os.path.join(self.args.output_dir, "README.md"), self.freeze_model_card_section())
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """`Trainer._save`, plus `hf_freeze.json` (boundary, prefix fingerprint, timeline) beside the weights."""
+        if state_dict is None and isinstance(self.model, PreTrainedModel):
+            state_dict = state_dict_for_save(self.model)
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_metadata(output_dir or self.args.output_dir, self.freeze_metadata())
 
-    def freeze_model_card_section(self) -> str:
-        """Markdown describing this run's policy, final boundary and freeze timeline."""
+    def freeze_metadata(self) -> FreezeMetadata:
+        """What this run's saves record in `hf_freeze.json`."""
+        get_layout(self.model, self.freeze_config.blocks_path)
+        return full_metadata(self.model, timeline=self.freeze_callback.timeline)
+
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None, speedup: float | None = None) -> None:
+        """Write `README.md` (and `freeze_timeline.png`) in `output_dir`: hf_freeze's card (`hub.build_model_card`),
+        naming the base, the freeze timeline, the evaluation results and how to load the model.
+
+        Takes `Trainer.create_model_card`'s arguments (`tasks` is the pipeline tag, `dataset` the dataset's name)
+        plus `speedup`, a measured speed-up over full fine-tuning.
+        """
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        metadata = self.freeze_metadata()
+        if finetuned_from:
+            metadata.base_model = finetuned_from
         layout = get_layout(self.model, self.freeze_config.blocks_path)
-        cache_summary = None
-        if self.boundary_states is not None:
-            stats = self.boundary_states.stats
-            cache_summary = (
-                f"{self.freeze_config.cache}, {self.freeze_config.cache_dtype}; {stats.hits} hits, {stats.advanced} "
-                f"advanced, {stats.misses} misses; about {stats.saved_seconds():.0f} s of prefix compute saved"
-            )
-        return render_freeze_section(
-            self.freeze_config,
-            self.freeze_callback.timeline,
-            num_blocks=layout.num_blocks,
-            blocks_path=layout.blocks_path,
-            boundary=frozen_boundary(self.model),
-            untied=untied_parameters(self.model),
-            cache_summary=cache_summary,
+        plot_boundary_timeline(metadata.timeline, output_dir / PLOT_NAME, num_blocks=layout.num_blocks,
+                               max_steps=self.state.max_steps or self.state.global_step)
+        evaluations = [entry for entry in self.state.log_history if evaluation_metrics(entry)]
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id
+        card = build_model_card(
+            metadata,
+            model_name=model_name or (repo_id or output_dir.name).split("/")[-1],
+            repo_id=repo_id or str(output_dir),
+            task=_first(tasks),
+            dataset=_first(dataset) or _first(dataset_tags),
+            metrics=evaluation_metrics(evaluations[-1]) if evaluations else None,
+            log_history=self.state.log_history,
+            speedup=speedup,
+            policy=describe_policy(self.freeze_config),
+            plot=PLOT_NAME,
+            language=_first(language),
+            license=license,
         )
+        write_model_card(card, output_dir)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None,
+                    **kwargs: Any):
+        """`Trainer.push_to_hub`: uploads the model, `hf_freeze.json`, the card and its plot; refuses up front
+        without a token, and turns the Hub's refusals into a `hub.PushError` that says what to fix."""
+        repo_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+        if not (token or self.args.hub_token or get_token()):
+            raise PushError(f"No Hugging Face token to push to {repo_id}. Log in with `hf auth login`, set "
+                            "`HF_TOKEN`, or pass `token=` / `--hub_token` (it needs write access).")
+        try:
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except HfHubHTTPError as error:
+            raise push_error(error, getattr(self, "hub_model_id", None) or repo_id) from error
 
     # ---- logging ----
 
@@ -263,3 +315,10 @@ def _swapped(obj: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, original)
+
+
+def _first(value: str | list[str] | None) -> str | None:
+    """Trainer's card arguments may be a string or a list of them; the card takes the first."""
+    if isinstance(value, (list, tuple)):
+        return value[0] if value else None
+    return value

@@ -18,7 +18,8 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
 from hf_freeze.atomic import write_text_atomic
-from hf_freeze.model_card import append_to_model_card, render_freeze_section
+from hf_freeze.checkpoint import full_metadata, write_metadata
+from hf_freeze.hub import PLOT_NAME, build_model_card, describe_policy, evaluation_metrics, write_model_card
 from hf_freeze.report import StepTimerCallback, format_phases, format_timeline, phases, plot_timeline
 
 METHODS = ("freeze_cache", "freeze", "full")
@@ -150,15 +151,18 @@ def summarize(trainer: Trainer, timer: StepTimerCallback, metrics: dict[str, flo
 
     if trainer.is_world_process_zero():
         trainer.save_model(str(output_dir))
-        trainer.create_model_card(model_name=output_dir.name, tasks=task, dataset=[script.dataset])
-        if callback is not None and not isinstance(trainer, FreezeTrainer):
-            layout = get_layout(trainer.model)
-            append_to_model_card(output_dir / "README.md", render_freeze_section(
-                callback.config, timeline, num_blocks=layout.num_blocks, blocks_path=layout.blocks_path,
-                boundary=frozen_boundary(trainer.model)))
+        metadata = full_metadata(trainer.model, timeline=timeline)
+        write_metadata(output_dir, metadata)  # FreezeTrainer's save wrote it too; a plain Trainer's did not
         num_blocks = get_layout(trainer.model).num_blocks
-        plot_timeline(timer.records, output_dir / "freeze_timeline.png", title=f"{title}: {script.method}",
+        plot_timeline(timer.records, output_dir / PLOT_NAME, title=f"{title}: {script.method}",
                       baseline_step_s=baseline_step, num_blocks=num_blocks)
+        card = build_model_card(
+            metadata, model_name=output_dir.name, repo_id=trainer.args.hub_model_id or str(output_dir), task=task,
+            dataset=script.dataset, metrics=evaluation_metrics(metrics), log_history=trainer.state.log_history,
+            speedup=result.get("speedup"), policy=describe_policy(callback.config) if callback else None,
+            plot=PLOT_NAME,
+        )
+        write_model_card(card, output_dir)
         write_text_atomic(output_dir / "results.json", json.dumps(result, indent=2, default=str))
         print(f"saved the model, README.md (model card), freeze_timeline.png and results.json to {output_dir}")
     return result

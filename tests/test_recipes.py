@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
+from huggingface_hub import ModelCard
+
+from hf_freeze import assets
+from hf_freeze.checkpoint import read_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -33,10 +37,13 @@ def launch(script, tmp_path, *flags):
 def check_outputs(tmp_path, results):
     out = tmp_path / "out"
     assert (out / "model.safetensors").exists() and (out / "freeze_timeline.png").stat().st_size > 1000
-    card = (out / "README.md").read_text()
-    assert "## Layer freezing (hf_freeze)" in card
+    card = ModelCard.load(out / "README.md")
+    assert "## How it was trained" in card.text and "cache/" not in card.content
+    assert card.data.base_model in assets.HUB_IDS.values() and card.data.base_model_relation == "finetune"
+    assert f"[{card.data.base_model}](https://huggingface.co/{card.data.base_model})" in card.text
     for event in results["timeline"]:
-        assert f"| {event['step']} |" in card
+        assert f"| {event['step']} |" in card.text
+    assert read_metadata(out).boundary == results["boundary"]
 
 
 def test_text_classification_recipe(tmp_path):

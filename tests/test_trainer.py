@@ -4,11 +4,14 @@ import logging
 
 import pytest
 import torch
+import transformers
 from conftest import tiny_model
 from helpers import LogRecorder, PadCollator, state_of, token_dataset, training_args
+from huggingface_hub import ModelCard
 from transformers import Trainer
 
 from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, StaleCacheError, frozen_boundary
+from hf_freeze.checkpoint import load_suffix, read_metadata
 
 SCHEDULE = dict(policy="schedule", interval=0.2, max_boundary=3)
 
@@ -184,13 +187,38 @@ def test_freeze_trainer_rejects_a_second_freeze_callback(tmp_path):
 
 
 def test_model_card_records_what_was_frozen_and_when(tmp_path):
-    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path),
-                            train_dataset=token_dataset(size=40), data_collator=PadCollator(),
-                            freeze_config=FreezeConfig(**SCHEDULE))
+    base = tmp_path / "base"
+    tiny_model("bert", "seq").save_pretrained(base)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base)
+    trainer = FreezeTrainer(model=model, args=training_args(tmp_path / "out", eval_strategy="epoch"),
+                            train_dataset=token_dataset(size=40), eval_dataset=token_dataset(size=16, seed=1),
+                            data_collator=PadCollator(), freeze_config=FreezeConfig(**SCHEDULE, cache="on"))
     trainer.train()
-    trainer.create_model_card(model_name="tiny")
-    card = (tmp_path / "README.md").read_text()
-    assert "## Layer freezing (hf_freeze)" in card
+    assert any(key.startswith("eval_cache/") or key.startswith("cache/") for e in trainer.state.log_history
+               for key in e)  # the counters the card must leave out are in the logs
+    trainer.create_model_card(model_name="tiny", tasks="text-classification", dataset="tiny-tokens")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
     for event in trainer.freeze_callback.timeline:
-        assert f"| {event['step']} |" in card
-    assert "Policy: `schedule`" in card and "boundary 3" in card
+        assert f"| {event['step']} |" in card.text
+    assert "Policy: `schedule`" in card.text and "boundary 3" in card.text
+    assert f"a local model (`{base}`)" in card.text and "from scratch" not in card.text
+    results = card.data.eval_results
+    assert results and {r.metric_type for r in results} == {"loss"}  # no cache/*, runtimes or epochs
+    table = card.text[card.text.index("### Evaluation during training"):].splitlines()
+    header = next(line for line in table if line.startswith("| epoch"))
+    assert all(cell.strip() for cell in header.strip("|").split("|"))  # every column has a header
+    assert (tmp_path / "out" / "freeze_timeline.png").stat().st_size > 1000
+
+
+def test_freeze_trainer_saves_write_the_metadata(tmp_path):
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path), train_dataset=token_dataset(
+                            size=40), data_collator=PadCollator(), freeze_config=FreezeConfig(**SCHEDULE))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    metadata = read_metadata(tmp_path / "final")
+    assert metadata.boundary == frozen_boundary(trainer.model) == 3 and not metadata.suffix_only
+    assert [e["step"] for e in metadata.timeline] == [e["step"] for e in trainer.freeze_callback.timeline]
+    loaded = load_suffix(tmp_path / "final")
+    assert frozen_boundary(loaded) == 3
+    for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

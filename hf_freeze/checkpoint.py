@@ -1,0 +1,493 @@
+"""Freeze metadata and suffix-only checkpoints bound to their base's fingerprint.
+
+A model fine-tuned with a frozen prefix (embeddings + blocks `[0, k)`) shares that prefix bit for bit with its
+base. `save_suffix` writes only the rest (blocks `[k, L)`, the head, untied tensors) plus the config, the tokenizer
+and `hf_freeze.json`; `load_suffix` rebuilds the model on its base after checking the base's prefix fingerprint
+(`fingerprint.prefix_fingerprint`, the same code as the cache's). `save_pretrained` writes a full checkpoint with
+the same metadata; `from_pretrained` of either folder type keeps working as usual for full checkpoints.
+
+Why functions and not a PEFT-style wrapper: the freeze state already lives on the model (`freezing.py`), the
+suffix is a plain subset of the model's own `state_dict`, and the loaded model is an ordinary transformers model
+(frozen with `freeze_prefix`), so `Trainer`, `generate` and the server use it without unwrapping.
+
+Folder layout (suffix-only): `config.json`, `suffix.safetensors`, `hf_freeze.json`, tokenizer files when given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import write_folder_atomic, write_text_atomic
+from .fingerprint import chain_digests, unit_digests
+from .freezing import freeze_prefix, frozen_boundary, get_layout, untied_parameters
+from .layout import BlockLayout
+
+logger = logging.getLogger(__name__)
+
+METADATA_NAME = "hf_freeze.json"
+SUFFIX_WEIGHTS_NAME = "suffix.safetensors"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A saved folder cannot be read: no metadata, a newer format, missing or truncated files."""
+
+
+class BaseMismatchError(ValueError):
+    """The base offered to a suffix-only checkpoint is not the one it was trained from."""
+
+
+@dataclass
+class FreezeMetadata:
+    """What `hf_freeze.json` records beside a saved model.
+
+    Attributes:
+        format_version (`int`): version of this file's format (readers refuse newer ones).
+        library_version (`str`): hf_freeze version that wrote it.
+        base_model (`str`, *optional*): the base's Hub id (or local path when it has none).
+        base_revision (`str`, *optional*): the base's Hub revision.
+        boundary (`int`, *optional*): frozen blocks; `None` when nothing was frozen.
+        num_blocks (`int`): blocks of the model.
+        blocks_path (`str`): dotted path of its blocks.
+        untied (`list[str]`): parameters untied from the frozen embeddings (saved in the suffix).
+        prefix_fingerprint (`str`, *optional*): `prefix_fingerprint(model, layout, boundary)` of the frozen prefix.
+        timeline (`list[dict]`): the freeze events (step, epoch, boundary, reason).
+        suffix_only (`bool`): whether the folder holds only the tensors outside the prefix.
+        unit_digests (`list[str]`): digest of each prefix unit (0 = embeddings), to say where a base differs.
+        architecture (`str`): the transformers class to rebuild (`config.architectures[0]`).
+        weights (`dict[str, int]`): weight files of a suffix-only folder and their sizes in bytes.
+        tied_to_prefix (`list[str]`): tensors tied to a prefix tensor, restored by the model's own tying.
+        base_model_path (`str`, *optional*): the local folder the base was loaded from, when there was one.
+    """
+
+    boundary: int | None
+    num_blocks: int
+    blocks_path: str
+    suffix_only: bool
+    architecture: str
+    base_model: str | None = None
+    base_revision: str | None = None
+    base_model_path: str | None = None
+    prefix_fingerprint: str | None = None
+    unit_digests: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)
+    tied_to_prefix: list[str] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    weights: dict[str, int] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    library_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
+
+
+def read_metadata(directory: str | os.PathLike) -> FreezeMetadata:
+    """Read `hf_freeze.json` from a saved folder.
+
+    Raises:
+        `CheckpointError`: the folder has no metadata, or it was written by a newer format version.
+
+    Example:
+        ```python
+        meta = read_metadata("out/suffix")
+        meta.boundary, meta.base_model
+        ```
+    """
+    path = Path(directory) / METADATA_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {METADATA_NAME}: it was not saved by hf_freeze (or the save was interrupted). "
+            "Save it with `hf_freeze.checkpoint.save_suffix` / `save_pretrained`, or load a plain checkpoint with "
+            "`from_pretrained`."
+        )
+    values = json.loads(path.read_text())
+    version = values.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {version}, newer than this hf_freeze reads ({FORMAT_VERSION}; written by "
+            f"hf_freeze {values.get('library_version', '?')}). Upgrade hf_freeze: `pip install -U hf-freeze`."
+        )
+    known = {f.name for f in dataclasses.fields(FreezeMetadata)}
+    return FreezeMetadata(**{k: v for k, v in values.items() if k in known})
+
+
+def save_suffix(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: Any | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    timeline: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Save only what is not in the frozen prefix, bound to the prefix's fingerprint.
+
+    Writes `config.json`, `suffix.safetensors` (blocks `[k, L)`, the head, untied tensors), `hf_freeze.json` and
+    the tokenizer, into a temporary folder renamed into place.
+
+    Args:
+        model (`PreTrainedModel`): a model frozen with `freeze_prefix` (boundary `k`).
+        directory (`str` or `os.PathLike`): where to save.
+        tokenizer (*optional*): saved beside the weights.
+        base_model (`str`, *optional*): the base's Hub id or path; default: from `model.config._name_or_path`
+            (a packaged model's folder is recorded by its Hub id).
+        base_revision (`str`, *optional*): the base's Hub revision.
+        timeline (`list[dict]`, *optional*): the freeze events (e.g. `FreezeCallback.timeline`).
+
+    Returns:
+        `Path`: the folder.
+
+    Example:
+        ```python
+        freeze_prefix(model, 4); trainer.train()
+        save_suffix(model, "out/suffix", tokenizer=tokenizer, base_model="sentence-transformers/all-MiniLM-L6-v2")
+        ```
+    """
+    boundary = frozen_boundary(model)
+    if boundary is None:
+        raise ValueError(
+            "save_suffix needs a frozen prefix, and nothing is frozen on this model. Freeze it "
+            "(`hf_freeze.freeze_prefix(model, k)`) or save a full checkpoint with "
+            "`hf_freeze.checkpoint.save_pretrained`."
+        )
+    layout = get_layout(model)
+    prefix_keys, tied = _split_state_dict(model, layout, boundary)
+    suffix = {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+        if name not in prefix_keys and name not in tied
+    }
+    metadata = _metadata(model, layout, boundary, suffix_only=True, tied=sorted(tied), base_model=base_model,
+                         base_revision=base_revision, timeline=timeline)
+
+    def write(folder: Path) -> None:
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: 0)():
+            model.generation_config.save_pretrained(folder)
+        save_file(suffix, str(folder / SUFFIX_WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        metadata.weights = {SUFFIX_WEIGHTS_NAME: (folder / SUFFIX_WEIGHTS_NAME).stat().st_size}
+        write_text_atomic(folder / METADATA_NAME, metadata.to_json())
+
+    return write_folder_atomic(directory, write, last=METADATA_NAME)
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    tokenizer: Any | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    timeline: list[dict[str, Any]] | None = None,
+    **save_kwargs: Any,
+) -> Path:
+    """Save a full checkpoint (`model.save_pretrained`) plus `hf_freeze.json`, through a temporary folder.
+
+    Args:
+        model (`PreTrainedModel`): frozen or not.
+        directory (`str` or `os.PathLike`): where to save.
+        tokenizer, base_model, base_revision, timeline: as in `save_suffix`.
+        **save_kwargs: passed to `model.save_pretrained` (e.g. `max_shard_size`).
+
+    Returns:
+        `Path`: the folder.
+    """
+    metadata = full_metadata(model, base_model=base_model, base_revision=base_revision, timeline=timeline)
+
+    save_kwargs.setdefault("state_dict", state_dict_for_save(model))
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        write_text_atomic(folder / METADATA_NAME, metadata.to_json())
+
+    return write_folder_atomic(directory, write, last=METADATA_NAME)
+
+
+def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()`, with tensors still shared between two names copied apart once the config no longer
+    ties them: freezing unties `lm_head` from the embeddings and sets `tie_word_embeddings=False`, and a tensor the
+    two heads still share (e.g. BERT's `decoder.bias` / `predictions.bias`) would otherwise be saved once and not
+    tied again on load."""
+    state = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", True):
+        return state
+    seen: set[int] = set()
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            state[name] = tensor.clone()
+        seen.add(tensor.data_ptr())
+    return state
+
+
+def full_metadata(model: nn.Module, *, base_model: str | None = None, base_revision: str | None = None,
+                  timeline: list[dict[str, Any]] | None = None) -> FreezeMetadata:
+    """The metadata of a full checkpoint of `model` (what `save_pretrained` and `FreezeTrainer` saves write)."""
+    boundary = frozen_boundary(model)
+    layout = get_layout(model)
+    return _metadata(model, layout, boundary, suffix_only=False, tied=[], base_model=base_model,
+                     base_revision=base_revision, timeline=timeline)
+
+
+def write_metadata(directory: str | os.PathLike, metadata: FreezeMetadata) -> Path:
+    """Write `hf_freeze.json` into `directory`, atomically."""
+    path = Path(directory) / METADATA_NAME
+    write_text_atomic(path, metadata.to_json())
+    return path
+
+
+def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:
+    """Load a checkpoint saved by `save_suffix` (or `save_pretrained`) onto its base, frozen at its boundary.
+
+    Args:
+        directory (`str` or `os.PathLike`): a local folder or a Hub repo id (downloaded with `snapshot_download`).
+        base (*optional*): `None` (the base named in the metadata), a model object, or a path / Hub id. With a model
+            object, the returned model's frozen-prefix tensors ARE the base's tensors (shared, not copied), so many
+            fine-tunes of one base hold one prefix in memory; they get `requires_grad=False`.
+        **from_pretrained_kwargs: passed to `from_pretrained` when a base (or a full checkpoint) is loaded
+            (`dtype`, `revision`, `token`, ...).
+
+    Returns:
+        `PreTrainedModel`: the fine-tuned model, frozen at the saved boundary (`freeze_prefix`).
+
+    Raises:
+        `CheckpointError`: no metadata, a newer format, a missing or truncated weight file.
+        `BaseMismatchError`: the base's prefix fingerprint differs, or it has another number of blocks.
+
+    Example:
+        ```python
+        base = AutoModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+        sentiment = load_suffix("out/sentiment", base=base)   # shares base's embeddings and blocks 0..3
+        topics = load_suffix("out/topics", base=base)
+        ```
+    """
+    folder = _local_folder(directory, from_pretrained_kwargs)
+    metadata = read_metadata(folder)
+    cls = _architecture(metadata)
+    if not metadata.suffix_only:
+        model = cls.from_pretrained(folder, **from_pretrained_kwargs)
+        if metadata.boundary is not None:
+            if isinstance(base, nn.Module):
+                _share_prefix(model, base, metadata, str(folder))
+            freeze_prefix(model, metadata.boundary)
+        return model
+    base_model = resolve_base(base, metadata, **from_pretrained_kwargs)
+    base_layout = get_layout(base_model)
+    check_base(base_model, metadata, where=str(folder), layout=base_layout)
+    suffix = _read_suffix(folder, metadata)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    dtype = next(iter(base_model.parameters())).dtype
+    model = cls._from_config(config, dtype=dtype)
+    _share_prefix(model, base_model, metadata, str(folder))
+    _load_suffix_tensors(model, suffix, metadata, str(folder))
+    model.eval()
+    freeze_prefix(model, metadata.boundary)
+    return model
+
+
+def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the checkpoint",
+               layout: BlockLayout | None = None) -> None:
+    """Refuse a base whose blocks or prefix fingerprint differ from what the checkpoint was trained on.
+
+    Raises:
+        `BaseMismatchError`: naming both fingerprints, the boundary and the fix.
+    """
+    layout = layout or get_layout(base)
+    boundary = metadata.boundary
+    if layout.num_blocks != metadata.num_blocks:
+        raise BaseMismatchError(
+            f"{where} was trained on a base with {metadata.num_blocks} blocks; this base "
+            f"({type(base).__name__}, {getattr(base.config, '_name_or_path', '?')}) has {layout.num_blocks}. Load it "
+            f"onto its own base: {metadata.base_model or 'the base it was saved from'}."
+        )
+    digests = unit_digests(base, layout, boundary, frozen_boundary=frozen_boundary(base))
+    actual = chain_digests(digests)
+    if actual == metadata.prefix_fingerprint:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(digests, metadata.unit_digests)) if a != b), None)
+    where_differs = "" if first is None else (
+        f" It first differs at unit {first} ({'the embeddings' if first == 0 else f'block {first - 1}'})."
+    )
+    raise BaseMismatchError(
+        f"{where} was fine-tuned with the embeddings and blocks [0, {boundary}) frozen, and its prefix fingerprint "
+        f"is {metadata.prefix_fingerprint}; this base ({getattr(base.config, '_name_or_path', '?')}) has "
+        f"{actual} at boundary {boundary}.{where_differs} Its frozen weights are not the ones the suffix was trained "
+        f"on. Pass the base it was saved from: {metadata.base_model or '?'}"
+        + (f" (revision {metadata.base_revision})" if metadata.base_revision else "") + "."
+    )
+
+
+# ---- helpers ----
+
+
+def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, suffix_only: bool, tied: list[str],
+              base_model: str | None, base_revision: str | None, timeline: list[dict[str, Any]] | None
+              ) -> FreezeMetadata:
+    from . import __version__
+    from .assets import hub_id_for_path
+
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    name_or_path = str(getattr(config, "_name_or_path", "") or "") or None
+    local_path = None
+    if base_model is None and name_or_path:
+        base_model = hub_id_for_path(name_or_path) or name_or_path
+    if name_or_path and Path(name_or_path).is_dir():
+        local_path = str(Path(name_or_path).resolve())
+    digests = [] if boundary is None else unit_digests(model, layout, boundary, frozen_boundary=boundary)
+    return FreezeMetadata(
+        boundary=boundary,
+        num_blocks=layout.num_blocks,
+        blocks_path=layout.blocks_path,
+        suffix_only=suffix_only,
+        architecture=type(model).__name__ if type(model).__name__ in architectures else architectures[0],
+        base_model=base_model,
+        base_revision=base_revision,
+        base_model_path=local_path,
+        prefix_fingerprint=None if boundary is None else chain_digests(digests),
+        unit_digests=digests,
+        untied=untied_parameters(model),
+        tied_to_prefix=tied,
+        timeline=list(timeline or []),
+        library_version=__version__,
+    )
+
+
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(module): name for name, module in model.named_modules()}
+
+
+def _split_state_dict(model: nn.Module, layout: BlockLayout, boundary: int) -> tuple[set[str], set[str]]:
+    """(state_dict keys inside the prefix, keys outside it whose tensor IS a prefix tensor, i.e. tied to it)."""
+    names = _module_names(model)
+    prefixes = tuple(names[id(m)] + "." for m in layout.prefix_modules(boundary))
+    state = model.state_dict(keep_vars=True)
+    prefix_keys = {k for k in state if k.startswith(prefixes)}
+    prefix_tensors = {id(state[k]) for k in prefix_keys}
+    tied = {k for k, v in state.items() if k not in prefix_keys and id(v) in prefix_tensors}
+    return prefix_keys, tied
+
+
+def _local_folder(directory: str | os.PathLike, kwargs: dict[str, Any]) -> Path:
+    if Path(directory).is_dir():
+        return Path(directory)
+    if isinstance(directory, str) and directory.count("/") == 1 and not directory.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(directory, revision=kwargs.get("revision"), token=kwargs.get("token")))
+    raise CheckpointError(f"{directory} is neither a folder nor a Hub repo id (`user/name`). Pass the folder that "
+                          "save_suffix wrote, or the repo it was pushed to.")
+
+
+def _architecture(metadata: FreezeMetadata) -> type:
+    cls = getattr(transformers, metadata.architecture, None)
+    if cls is None:
+        raise CheckpointError(f"The checkpoint's class `{metadata.architecture}` is not in this transformers "
+                              f"({transformers.__version__}). Upgrade transformers to load it.")
+    return cls
+
+
+def resolve_base(base: Any, metadata: FreezeMetadata, **kwargs: Any) -> nn.Module:
+    """The base as a model object: `base` itself, or loaded from a path / Hub id (default: the metadata's) with
+    `AutoModel` (the prefix and its fingerprint are the same in every head class)."""
+    if isinstance(base, nn.Module):
+        return base
+    if base is None:
+        base = _base_source(metadata)
+        kwargs = {"revision": metadata.base_revision, **kwargs} if metadata.base_revision else kwargs
+    if not isinstance(base, (str, os.PathLike)):
+        raise TypeError(f"`base` must be None, a model or a path / Hub id, got {type(base).__name__}.")
+    kwargs = {k: v for k, v in kwargs.items() if k != "num_labels"}
+    return transformers.AutoModel.from_pretrained(base, **kwargs)
+
+
+def _base_source(metadata: FreezeMetadata) -> str:
+    """Where to load the metadata's base from: a packaged offline copy of its Hub id, its local folder, the Hub."""
+    from .assets import local_path_for_hub_id
+
+    if metadata.base_model is None:
+        raise CheckpointError("The checkpoint does not name its base model; pass `base=` (a model, path or Hub id).")
+    local = local_path_for_hub_id(metadata.base_model)
+    if local is not None:
+        return str(local)
+    if Path(metadata.base_model).is_dir():
+        return metadata.base_model
+    if metadata.base_model_path and Path(metadata.base_model_path).is_dir():
+        return metadata.base_model_path
+    return metadata.base_model
+
+
+def _read_suffix(folder: Path, metadata: FreezeMetadata) -> dict[str, torch.Tensor]:
+    path = folder / SUFFIX_WEIGHTS_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {SUFFIX_WEIGHTS_NAME}: the save was interrupted or the file was "
+                              "deleted. Save the suffix again (or download the whole folder).")
+    expected = metadata.weights.get(SUFFIX_WEIGHTS_NAME)
+    size = path.stat().st_size
+    if expected is not None and size != expected:
+        raise CheckpointError(f"{path} is {size} bytes, but {expected} were saved: the file is truncated or "
+                              "corrupt. Download or save it again.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises its own error type for a malformed header or short file
+        raise CheckpointError(f"{path} cannot be read ({error}): the file is truncated or corrupt. Download or "
+                              "save it again.") from error
+
+
+def _share_prefix(model: nn.Module, base: nn.Module, metadata: FreezeMetadata, where: str) -> None:
+    """Make `model`'s prefix tensors the base's own tensors (parameters and buffers), unit by unit."""
+    layout, base_layout = get_layout(model), get_layout(base)
+    if len(layout.embeddings) != len(base_layout.embeddings):
+        raise BaseMismatchError(f"{where}: the base's embeddings ({base_layout.embedding_names}) do not match the "
+                                f"model's ({layout.embedding_names}); pass the base it was saved from.")
+    pairs = [(m, b) for unit in range(metadata.boundary + 1)
+             for m, b in zip(layout.unit_modules(unit), base_layout.unit_modules(unit))]
+    for module, base_module in pairs:
+        base_modules = dict(base_module.named_modules())
+        for name, sub in module.named_modules():
+            other = base_modules.get(name)
+            if other is None or type(other) is not type(sub):
+                raise BaseMismatchError(f"{where}: the base has no `{name}` like the model's "
+                                        f"{type(sub).__name__}; pass the base it was saved from.")
+            for key in list(sub._parameters):
+                sub._parameters[key] = other._parameters[key]
+            for key in list(sub._buffers):
+                sub._buffers[key] = other._buffers[key]
+    if metadata.tied_to_prefix and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _load_suffix_tensors(model: nn.Module, suffix: dict[str, torch.Tensor], metadata: FreezeMetadata,
+                         where: str) -> None:
+    prefix_keys, tied = _split_state_dict(model, get_layout(model), metadata.boundary)
+    expected = {k for k in model.state_dict() if k not in prefix_keys and k not in tied}
+    inside = sorted(set(suffix) & prefix_keys)
+    if inside:
+        raise CheckpointError(f"{where} holds tensors of the frozen prefix at boundary {metadata.boundary} "
+                              f"(e.g. {inside[:3]}): it was saved at another boundary than its metadata says. "
+                              "Save the suffix again.")
+    missing, unexpected = sorted(expected - set(suffix)), sorted(set(suffix) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{where} does not fit {metadata.architecture} at boundary {metadata.boundary}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}. Save the suffix again with "
+                              "this version of the model.")
+    with torch.no_grad():
+        state = model.state_dict(keep_vars=True)
+        for name, tensor in suffix.items():
+            state[name].copy_(tensor)

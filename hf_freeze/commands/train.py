@@ -1,0 +1,29 @@
+"""`hf-freeze train TASK [recipe flags]`: run a recipe (`hf_freeze.training`) with its own flags."""
+
+from __future__ import annotations
+
+import argparse
+
+TASKS = {"text-classification": "run_text_classification", "causal-lm": "run_causal_lm"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` subcommand."""
+    parser = subparsers.add_parser(
+        "train", help="Fine-tune with a recipe (text classification or causal LM).",
+        description="Run a training recipe. Everything after TASK goes to the recipe: its script arguments, "
+                    "FreezeConfig and TrainingArguments flags (`hf-freeze train TASK --help` lists them).",
+    )
+    parser.add_argument("task", choices=sorted(TASKS), metavar="TASK", help=f"one of {', '.join(sorted(TASKS))}")
+    parser.add_argument("recipe_args", nargs=argparse.REMAINDER, help="flags for the recipe")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from .. import training
+    except ImportError as error:
+        print(f"hf-freeze train: the recipes module `hf_freeze.training` is missing ({error}); reinstall hf-freeze.")
+        return 1
+    getattr(training, TASKS[args.task])(list(args.recipe_args))
+    return 0

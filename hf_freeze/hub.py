@@ -1,0 +1,314 @@
+"""Model cards that record the freeze, and pushing saved folders (full or suffix-only) to the Hugging Face Hub.
+
+The card is rendered from `model_cards/hf_freeze_card.md` through `huggingface_hub.ModelCard.from_template`, with
+its metadata in `ModelCardData`: `base_model`, `base_model_relation` (`adapter` for a suffix-only folder, which
+needs its base; `finetune` for a full one), `library_name`, tags and the evaluation results (`model-index`).
+Logged counters that are not evaluation results (`cache/*`, `freeze/*`, runtimes) stay out of the metrics.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+from .atomic import write_text_atomic
+from .checkpoint import METADATA_NAME, FreezeMetadata, read_metadata
+from .config import FreezeConfig
+from .report import describe_boundary
+
+TEMPLATE = "hf_freeze_card.md"
+CARD_NAME = "README.md"
+PLOT_NAME = "freeze_timeline.png"
+LIBRARY_TAGS = ["hf-freeze", "layer-freezing"]
+# Logged values that describe the run, not the model's quality: never in `model-index` or the results table.
+_NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "step")
+_NOT_METRIC_PREFIXES = ("cache/", "freeze/", "total_flos")
+
+
+_POLICY_KNOBS = {
+    "gradnorm": ("interval", "interval_steps", "percentile", "freeze_start", "max_boundary"),
+    "schedule": ("schedule", "interval", "interval_steps", "schedule_fraction", "freeze_start", "freeze_level",
+                 "max_boundary"),
+    "fixed": ("boundary",),
+}
+
+
+class PushError(RuntimeError):
+    """A push to the Hub could not start (no token) or the Hub refused it."""
+
+
+def evaluation_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """The evaluation results in one `Trainer` log entry: `eval_*` numbers, without runtimes and counters.
+
+    Example:
+        ```python
+        evaluation_metrics({"eval_accuracy": 0.9, "eval_runtime": 3.1, "cache/hits": 12})  # {'accuracy': 0.9}
+        ```
+    """
+    metrics = {}
+    for key, value in logs.items():
+        if not key.startswith("eval_") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        name = key[len("eval_"):]
+        if name.startswith(_NOT_METRIC_PREFIXES) or name.endswith(_NOT_METRICS) or not math.isfinite(value):
+            continue
+        metrics[name] = float(value)
+    return metrics
+
+
+def describe_policy(config: FreezeConfig) -> str:
+    """One line for the card: the policy and its knobs, e.g. "`gradnorm` (interval='epoch', ...)"."""
+    knobs = ", ".join(f"{k}={getattr(config, k)!r}" for k in _POLICY_KNOBS.get(config.policy, ()))
+    return f"`{config.policy}` ({knobs}), prefix cache `{config.cache}`"
+
+
+def build_model_card(
+    metadata: FreezeMetadata,
+    *,
+    model_name: str,
+    repo_id: str | None = None,
+    task: str | None = None,
+    dataset: str | None = None,
+    metrics: dict[str, float] | None = None,
+    log_history: list[dict[str, Any]] | None = None,
+    speedup: float | None = None,
+    policy: str | None = None,
+    plot: str | None = None,
+    language: str | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """A model card recording the base, the freeze (boundary, timeline, plot), the results and how to load it.
+
+    Args:
+        metadata (`FreezeMetadata`): what `hf_freeze.json` holds (`checkpoint.read_metadata`, `full_metadata`).
+        model_name (`str`): the card's title and `model-index` name.
+        repo_id (`str`, *optional*): the Hub repo (for the loading snippet); default `model_name`.
+        task (`str`, *optional*): the pipeline tag, e.g. `"text-classification"`, `"text-generation"`.
+        dataset (`str`, *optional*): the training dataset's Hub id or name.
+        metrics (`dict[str, float]`, *optional*): final evaluation results (see `evaluation_metrics`).
+        log_history (`list[dict]`, *optional*): `trainer.state.log_history`, for the table of evaluations.
+        speedup (`float`, *optional*): measured speed-up over full fine-tuning (e.g. the recipes' `--baseline_steps`).
+        policy (`str`, *optional*): one line describing the freeze policy.
+        plot (`str`, *optional*): file name of the timeline PNG uploaded beside the card.
+        language, license (`str`, *optional*): card metadata.
+
+    Returns:
+        `huggingface_hub.ModelCard`
+
+    Example:
+        ```python
+        card = build_model_card(read_metadata("out/suffix"), model_name="minilm-rt", task="text-classification")
+        card.save("out/suffix/README.md")
+        ```
+    """
+    repo_id = repo_id or model_name
+    base = metadata.base_model
+    relation = "adapter" if metadata.suffix_only else "finetune"
+    eval_results = None
+    metrics = metrics or {}
+    if metrics and task and dataset:
+        eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=name,
+                                   metric_value=value) for name, value in metrics.items()]
+    card_data = ModelCardData(
+        base_model=base if _is_hub_id(base) else None,
+        library_name="hf-freeze" if metadata.suffix_only else "transformers",
+        tags=[*LIBRARY_TAGS, *(["suffix-only"] if metadata.suffix_only else [])],
+        pipeline_tag=task,
+        datasets=[dataset] if dataset else None,
+        eval_results=eval_results,
+        model_name=model_name,
+        language=language,
+        license=license,
+        base_model_relation=relation if _is_hub_id(base) else None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_str=_template(),
+        model_name=model_name,
+        summary=_summary(metadata, metrics),
+        library_version=metadata.library_version,
+        num_blocks=metadata.num_blocks,
+        blocks_path=metadata.blocks_path,
+        boundary_text=describe_boundary(metadata.boundary)
+        + ("" if metadata.boundary is None else f" (boundary {metadata.boundary} of {metadata.num_blocks})"),
+        policy=policy,
+        untied=", ".join(f"`{name}`" for name in metadata.untied),
+        fingerprint=metadata.prefix_fingerprint or "none (nothing frozen)",
+        speedup_text=(f"{speedup:.2f}x, measured in the same run." if speedup else
+                      "not measured in this run (the recipes measure it with `--baseline_steps N`)."),
+        timeline_rows=_timeline_rows(metadata.timeline),
+        plot=plot,
+        results_table=_results_table(log_history or []),
+        snippet=_snippet(metadata, repo_id),
+        format_text=_format_text(metadata),
+    )
+
+
+def write_model_card(card: ModelCard, directory: str | os.PathLike) -> Path:
+    """Write `card` as `README.md` in `directory`, atomically."""
+    path = Path(directory) / CARD_NAME
+    write_text_atomic(path, str(card))
+    return path
+
+
+def push_folder(
+    directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload with hf_freeze",
+) -> str:
+    """Push a folder saved by hf_freeze (full or suffix-only) to a Hub model repo, with a model card.
+
+    A folder without `README.md` gets one from its metadata (`build_model_card`). The repo is created if needed.
+
+    Args:
+        directory (`str` or `os.PathLike`): a folder holding `hf_freeze.json`.
+        repo_id (`str`): `user/name` on the Hub (or the server `HF_ENDPOINT` names).
+        token (`str`, *optional*): a write token; default: the logged-in one (`hf auth login`, `HF_TOKEN`).
+        private (`bool`, *optional*): create the repo private.
+        revision (`str`, *optional*): the branch to commit to.
+        commit_message (`str`): the commit's message.
+
+    Returns:
+        `str`: the commit's URL.
+
+    Raises:
+        `PushError`: no token, or the Hub refused (the message names the status and the fix).
+
+    Example:
+        ```python
+        push_folder("out/suffix", "me/minilm-rotten-tomatoes-suffix")
+        ```
+    """
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    token = token or get_token()
+    if not token:
+        raise PushError(
+            f"No Hugging Face token to push {directory} to {repo_id}. Log in with `hf auth login`, set `HF_TOKEN`, "
+            "or pass `token=` (it needs write access)."
+        )
+    if not (directory / CARD_NAME).exists():
+        plot = PLOT_NAME if (directory / PLOT_NAME).exists() else None
+        write_model_card(build_model_card(metadata, model_name=repo_id.split("/")[-1], repo_id=repo_id, plot=plot),
+                         directory)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=directory, revision=revision,
+                                   commit_message=commit_message, ignore_patterns=["checkpoint-*", ".*", "_*"])
+    except HfHubHTTPError as error:
+        raise push_error(error, repo_id) from error
+    return commit.commit_url
+
+
+def push_error(error: HfHubHTTPError, repo_id: str) -> PushError:
+    """A `PushError` that says why the Hub refused a push to `repo_id` and what to do."""
+    status = getattr(error.response, "status_code", None)
+    fixes = {
+        401: "the token is invalid or expired: log in again with `hf auth login` or set a valid `HF_TOKEN`",
+        403: f"the token may not write to `{repo_id.split('/')[0]}`: use a write token of that user or organization",
+        404: f"the repo `{repo_id}` does not exist and could not be created: check the name",
+    }
+    fix = fixes.get(status, "check the repo name, your token's permissions and the server's message")
+    detail = getattr(error, "server_message", None) or str(error).splitlines()[0]
+    return PushError(f"The Hub refused the push to {repo_id} (HTTP {status}: {detail.strip()}). Fix: {fix}.")
+
+
+def card_for_folder(directory: str | os.PathLike, **kwargs: Any) -> ModelCard:
+    """`build_model_card` from a saved folder's `hf_freeze.json` (keyword arguments as in `build_model_card`)."""
+    kwargs.setdefault("model_name", Path(directory).resolve().name)
+    return build_model_card(read_metadata(directory), **kwargs)
+
+
+# ---- helpers ----
+
+
+def _template() -> str:
+    """The card template: from the source tree when running from a checkout, else from the installed package."""
+    source = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE
+    if source.is_file():
+        return source.read_text()
+    return importlib.resources.files("hf_freeze.model_cards").joinpath(TEMPLATE).read_text()
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """`user/name`, not a local path: only those are linked and written as `base_model`."""
+    return bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _summary(metadata: FreezeMetadata, metrics: dict[str, float]) -> str:
+    base = metadata.base_model
+    base_text = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"a local model (`{base}`)"
+    if base is None:
+        base_text = "a base model that was not recorded"
+    kind = (f"A suffix-only checkpoint: only blocks [{metadata.boundary}, {metadata.num_blocks}) and the head are "
+            f"stored; the embeddings and blocks [0, {metadata.boundary}) are {base_text}'s own, loaded and checked by "
+            "fingerprint when this model is loaded.") if metadata.suffix_only else (
+        f"A fine-tune of {base_text} (full weights).")
+    results = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    return kind + (f" Evaluation: {results}." if results else "")
+
+
+def _timeline_rows(timeline: list[dict[str, Any]]) -> str:
+    rows = [f"| {e['step']} | {float(e['epoch']):.2f} | {describe_boundary(e['boundary'])} | {e.get('reason', '')} |"
+            for e in timeline]
+    return "\n".join(rows) or "| - | - | nothing | no freeze was decided |"
+
+
+def _results_table(log_history: list[dict[str, Any]]) -> str:
+    """One row per evaluation: epoch, step, the last training loss before it, and the evaluation results."""
+    rows, train_loss = [], None
+    for entry in log_history:
+        if "loss" in entry:
+            train_loss = entry["loss"]
+        metrics = evaluation_metrics(entry)
+        if metrics:
+            rows.append((entry.get("epoch"), entry.get("step"), train_loss, metrics))
+    if not rows:
+        return ""
+    names = list(dict.fromkeys(name for *_, metrics in rows for name in metrics))
+    lines = ["| epoch | step | training loss | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    for epoch, step, loss, metrics in rows:
+        cells = [_number(epoch, 2), str(step if step is not None else "-"), _number(loss, 4)]
+        cells += [_number(metrics.get(name), 4) for name in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _number(value: Any, digits: int) -> str:
+    return "-" if value is None else f"{float(value):.{digits}f}"
+
+
+def _snippet(metadata: FreezeMetadata, repo_id: str) -> str:
+    if metadata.suffix_only:
+        return (
+            "from hf_freeze.checkpoint import load_suffix\n\n"
+            f'model = load_suffix("{repo_id}")  # loads the base {metadata.base_model}, checks its fingerprint\n'
+            "# or, sharing one base between fine-tunes: load_suffix(repo, base=base_model_object)"
+        )
+    return (
+        f"from transformers import {metadata.architecture}\n\n"
+        f'model = {metadata.architecture}.from_pretrained("{repo_id}")\n'
+        + ("" if metadata.boundary is None else
+           "# to keep training with the same frozen prefix:\n"
+           f"from hf_freeze import freeze_prefix\nfreeze_prefix(model, {metadata.boundary})")
+    )
+
+
+def _format_text(metadata: FreezeMetadata) -> str:
+    files = f"`{METADATA_NAME}`, which records the base, the boundary, the prefix fingerprint and the freeze timeline."
+    if metadata.suffix_only:
+        return (f"Files: `config.json`, `suffix.safetensors` (the tensors outside the frozen prefix) and {files} "
+                "`transformers.from_pretrained` cannot load this folder alone; `load_suffix` rebuilds the model on "
+                "its base and refuses a base whose frozen weights differ.")
+    return f"Files: a standard transformers checkpoint and {files}"

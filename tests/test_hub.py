@@ -1,0 +1,176 @@
+"""Model cards and pushes to the Hub, end to end against a local stand-in server (tests/hub_server.py).
+
+The uploads and downloads run in subprocesses: huggingface_hub reads `HF_ENDPOINT` when it is imported.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_batch, tiny_model
+from hub_server import TOKEN, HubServer
+from huggingface_hub import ModelCard
+from test_checkpoint import fine_tuned, logits
+
+from hf_freeze.checkpoint import read_metadata, save_pretrained, save_suffix
+from hf_freeze.hub import evaluation_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def hub():
+    state = HubServer()
+    server, thread = state.start()
+    yield state
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def run_client(hub, tmp_path, code, *, token=TOKEN):
+    """Run `code` in a fresh interpreter whose huggingface_hub talks to the local server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "client_home"),
+               HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    if token:
+        env["HF_TOKEN"] = token
+    prelude = "import torch\ntorch.set_num_threads(1)\n"
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_evaluation_metrics_leave_out_counters_and_runtimes():
+    logs = {"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_runtime": 2.0, "eval_samples_per_second": 9.0,
+            "eval_cache/hits": 4, "eval_cache/bytes": 1e6, "eval_freeze/boundary": 2, "epoch": 1.0, "loss": 0.7}
+    assert evaluation_metrics(logs) == {"loss": 0.5, "accuracy": 0.75}
+
+
+def test_suffix_pushed_and_loaded_by_repo_id(hub, tmp_path):
+    base = tiny_model("llama", "base")
+    base.save_pretrained(tmp_path / "base")
+    model = fine_tuned("llama", "causal")
+    save_suffix(model, tmp_path / "suffix", base_model="user/tiny-llama",
+                timeline=[{"step": 4, "epoch": 1.0, "boundary": 2, "reason": "scheduled"}])
+    check(run_client(hub, tmp_path, f"""
+        from huggingface_hub import HfApi
+        from hf_freeze.hub import push_folder
+        api = HfApi()
+        api.create_repo("user/tiny-llama")
+        api.upload_folder(repo_id="user/tiny-llama", folder_path={str(tmp_path / "base")!r})
+        print(push_folder({str(tmp_path / "suffix")!r}, "user/tiny-llama-suffix"))
+    """))
+    repo = hub.repos["user/tiny-llama-suffix"]
+    assert set(repo.files) == {p.name for p in (tmp_path / "suffix").iterdir()}  # push_folder added README.md
+    assert {"config.json", "suffix.safetensors", "hf_freeze.json", "README.md"} <= set(repo.files)
+    assert "suffix.safetensors" in repo.lfs and "config.json" not in repo.lfs  # weights went through LFS
+    assert repo.files["suffix.safetensors"] == (tmp_path / "suffix" / "suffix.safetensors").read_bytes()
+    assert any(call.endswith(".git/info/lfs/objects/batch") for call in hub.calls)
+    card = ModelCard(repo.files["README.md"].decode())
+    assert (card.data.base_model, card.data.base_model_relation, card.data.library_name) == (
+        "user/tiny-llama", "adapter", "hf-freeze")
+    assert 'load_suffix("user/tiny-llama-suffix")' in card.text and "| 4 | 1.00 | the embeddings and blocks 0-1 |" \
+        in card.text
+
+    # a fresh process: downloads the suffix AND its base from the server, checks the fingerprint
+    out = tmp_path / "logits.pt"
+    batch = tiny_batch(model, "causal")
+    torch.save({k: v for k, v in batch.items() if k != "labels"}, tmp_path / "batch.pt")
+    check(run_client(hub, tmp_path, f"""
+        from hf_freeze.checkpoint import load_suffix
+        model = load_suffix("user/tiny-llama-suffix")
+        with torch.no_grad():
+            torch.save(model(**torch.load({str(tmp_path / "batch.pt")!r}))[0], {str(out)!r})
+    """))
+    assert torch.equal(torch.load(out), logits(model, "causal"))
+
+
+def test_freeze_trainer_push_to_hub(hub, tmp_path):
+    check(run_client(hub, tmp_path, f"""
+        from conftest import tiny_model
+        from helpers import PadCollator, token_dataset, training_args
+        from hf_freeze import FreezeConfig, FreezeTrainer
+        args = training_args({str(tmp_path / "out")!r}, eval_strategy="epoch", hub_model_id="user/tiny-bert")
+        trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=args, train_dataset=token_dataset(size=40),
+                                eval_dataset=token_dataset(size=16, seed=1), data_collator=PadCollator(),
+                                freeze_config=FreezeConfig(policy="schedule", interval=0.2, max_boundary=3))
+        trainer.train()
+        trainer.push_to_hub(tasks="text-classification", dataset="tiny-tokens")
+    """))
+    repo = hub.repos["user/tiny-bert"]
+    assert {"model.safetensors", "config.json", "hf_freeze.json", "README.md", "freeze_timeline.png"} <= set(repo.files)
+    assert not any(path.startswith("checkpoint-") for path in repo.files)
+    metadata = json.loads(repo.files["hf_freeze.json"])
+    assert metadata["boundary"] == 3 and not metadata["suffix_only"] and metadata["timeline"]
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-classification"
+    assert {r.metric_type for r in card.data.eval_results} == {"loss"}
+    assert "![Freeze timeline" in card.text and "freeze_timeline.png" in card.text
+    assert repo.files["freeze_timeline.png"].startswith(b"\x89PNG")
+
+
+def test_full_folder_pushed_and_loaded(hub, tmp_path):
+    model = fine_tuned("bert", "seq")
+    save_pretrained(model, tmp_path / "full")
+    batch = tiny_batch(model, "seq")
+    torch.save({k: v for k, v in batch.items() if k != "labels"}, tmp_path / "batch.pt")
+    out = tmp_path / "logits.pt"
+    check(run_client(hub, tmp_path, f"""
+        from hf_freeze.checkpoint import load_suffix
+        from hf_freeze.freezing import frozen_boundary
+        from hf_freeze.hub import push_folder
+        push_folder({str(tmp_path / "full")!r}, "user/tiny-full")
+        model = load_suffix("user/tiny-full")
+        assert frozen_boundary(model) == 2
+        with torch.no_grad():
+            torch.save(model(**torch.load({str(tmp_path / "batch.pt")!r}))[0], {str(out)!r})
+    """))
+    assert torch.equal(torch.load(out), logits(model, "seq"))
+    assert read_metadata(tmp_path / "full").boundary == 2
+
+
+def test_push_without_a_token_or_to_a_repo_that_refuses(hub, tmp_path):
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "suffix")
+    result = check(run_client(hub, tmp_path, f"""
+        from hf_freeze.hub import PushError, push_folder
+        for repo, token in [("user/no-token", None), ("refused/tiny", "{TOKEN}"), ("user/bad-token", "hf_wrong")]:
+            try:
+                push_folder({str(tmp_path / "suffix")!r}, repo, token=token)
+            except PushError as error:
+                print("REFUSED", repo, str(error).replace("\\n", " "))
+    """, token=None))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(lines) == 3
+    assert "No Hugging Face token" in lines[0] and "hf auth login" in lines[0]
+    assert "HTTP 403" in lines[1] and "write token" in lines[1]
+    assert "HTTP 401" in lines[2] and "log in again" in lines[2]
+    assert "refused/tiny" not in hub.repos and "user/no-token" not in hub.repos
+
+
+def test_the_push_command(hub, tmp_path):
+    save_suffix(fine_tuned("gpt2", "seq"), tmp_path / "suffix", base_model="openai-community/gpt2")
+    env_code = f"""
+        import sys
+        from hf_freeze.cli import main
+        sys.exit(main(["push", {str(tmp_path / "suffix")!r}, "user/cli-suffix", "--message", "from the command"]))
+    """
+    result = check(run_client(hub, tmp_path, env_code))
+    assert "pushed" in result.stdout and "user/cli-suffix" in result.stdout
+    repo = hub.repos["user/cli-suffix"]
+    assert repo.messages == ["from the command"]
+    assert repo.files["hf_freeze.json"] == (tmp_path / "suffix" / "hf_freeze.json").read_bytes()
+    card = ModelCard(repo.files["README.md"].decode())
+    assert card.data.base_model == "openai-community/gpt2" and card.data.base_model_relation == "adapter"
+    assert "[openai-community/gpt2](https://huggingface.co/openai-community/gpt2)" in card.text
+    result = run_client(hub, tmp_path, env_code.replace("user/cli-suffix", "refused/cli"))
+    assert result.returncode == 1 and "HTTP 403" in result.stdout

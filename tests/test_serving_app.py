@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from conftest import tiny_model
 from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import freeze_prefix
-from hf_freeze.serving import ServingEngine
+from hf_freeze.checkpoint import save_suffix
+from hf_freeze.serving import Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving.engine import BaseMismatchServingError
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -187,21 +190,22 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_cli_serves_saved_folders_and_refuses_a_finetune_of_another_base(tmp_path):
+def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path):
     base = tiny_model("bert", "seq").eval()
     base.save_pretrained(tmp_path / "base")
     finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
-    finetune.save_pretrained(tmp_path / "ft")
+    save_suffix(finetune, tmp_path / "ft", base_model=str(tmp_path / "base"))
     stranger = tiny_model("bert", "seq", seed=1)
     freeze_prefix(stranger, 2)
-    stranger.save_pretrained(tmp_path / "stranger")
+    save_suffix(stranger, tmp_path / "stranger")
 
     refused = subprocess.run(_serve_command("--base", str(tmp_path / "base"), "--model", f"x={tmp_path / 'stranger'}",
                                             "--port", str(_free_port())),
                              capture_output=True, text=True, env=_env(), timeout=120)
-    assert refused.returncode == 2
+    assert refused.returncode == 2, refused.stderr
     assert str(tmp_path / "stranger") in refused.stderr
-    assert len([w for w in refused.stderr.split() if len(w.strip("(),.")) == 32]) >= 2  # both fingerprints
+    fingerprints = set(re.findall(r"\b[0-9a-f]{32}\b", refused.stderr))
+    assert len(fingerprints) >= 2, refused.stderr  # both fingerprints named
 
     port = _free_port()
     process = subprocess.Popen(_serve_command("--base", str(tmp_path / "base"), "--model", f"ft={tmp_path / 'ft'}",
@@ -220,7 +224,31 @@ def test_cli_serves_saved_folders_and_refuses_a_finetune_of_another_base(tmp_pat
         ids = [5, 9, 33, 2]
         answer = httpx.post(f"{url}/predict", json={"inputs": ids, "model": "ft", "raw_scores": True}).json()
         got = torch.tensor([x["score"] for x in sorted(answer, key=lambda x: x["label"])])
-        torch.testing.assert_close(got, finetune(input_ids=torch.tensor([ids])).logits[0], rtol=TOL, atol=TOL)
+        with torch.no_grad():
+            expected = finetune(input_ids=torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_load_model_shares_the_base_tensors_and_detects_the_boundary_of_plain_folders(tmp_path):
+    base = tiny_model("bert", "seq").eval()
+    engine = ServingEngine(base)
+    finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
+    save_suffix(finetune, tmp_path / "suffix")
+    finetune.save_pretrained(tmp_path / "plain")  # no hf_freeze metadata: the shared units are found by digests
+    served = engine.load_model("suffix", tmp_path / "suffix")
+    plain = engine.load_model("plain", tmp_path / "plain")
+    assert served.boundary == plain.boundary == 2
+    embedding = served.model.get_input_embeddings().weight
+    assert embedding.data_ptr() == base.get_input_embeddings().weight.data_ptr()  # one prefix in memory
+    ids = random_ids(4, 2)
+    answers = engine.predict([Request(i, model=m) for m in ("suffix", "plain") for i in ids])
+    with torch.no_grad():
+        for answer, i in zip(answers, ids + ids):
+            torch.testing.assert_close(answer, finetune(input_ids=torch.tensor([i])).logits[0], rtol=TOL, atol=TOL)
+    stranger = tiny_model("bert", "seq", seed=1)
+    stranger.save_pretrained(tmp_path / "stranger")
+    with pytest.raises(BaseMismatchServingError, match="stranger.*not fine-tuned from this base"):
+        engine.load_model("stranger", tmp_path / "stranger")

@@ -218,18 +218,18 @@ class ServingEngine:
         Raises:
             `BaseMismatchServingError`: `path` is a fine-tune of another base (the message names `path`).
         """
-        try:
-            from ..checkpoint import METADATA_NAME, BaseMismatchError, load_suffix, read_metadata
-        except ImportError:  # the checkpoint module (hub issue) is not installed with this version
-            METADATA_NAME = None
-        if METADATA_NAME is not None and (Path(path) / METADATA_NAME).is_file():
+        from ..checkpoint import METADATA_NAME, BaseMismatchError, load_suffix, read_metadata
+
+        if (Path(path) / METADATA_NAME).is_file():
             metadata = read_metadata(path)
             try:
                 model = load_suffix(path, base=self.base)
             except BaseMismatchError as error:
                 raise BaseMismatchServingError(f"Cannot serve {path} as {name!r}: {error}") from error
-            return self.add_model(name, model, boundary=metadata.boundary)
-        model = load_base(path)
+            if metadata.boundary is not None:
+                return self.add_model(name, model, boundary=metadata.boundary)
+        else:
+            model = load_base(path)
         return self.add_model(name, model, boundary=self._shared_units(model, name, path))
 
     @classmethod

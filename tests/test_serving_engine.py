@@ -178,3 +178,14 @@ def test_unknown_model_wrong_task_and_bad_inputs_are_refused():
         engine.predict([Request([], model="k2")])
     with pytest.raises(ValueError, match="exceeds the 512 positions"):
         engine.predict([Request([5] * 600, model="k2")])
+
+
+def test_a_model_with_sliding_window_layers_is_refused_generation_up_front():
+    import transformers as T
+
+    config = T.MistralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=37, sliding_window=4)
+    engine = ServingEngine(T.MistralForCausalLM(config).eval())
+    assert engine.models["base"].tasks == ("score",)
+    with pytest.raises(WrongTaskError, match="cannot generate"):
+        engine.generate([GenerationRequest([5, 6, 7])])

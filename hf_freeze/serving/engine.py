@@ -15,6 +15,7 @@ attention mask and positions exactly as in its own `generate`.
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from ..layout import execution_device
 from ..prefix import PrefixRunner
 from .prefix_cache import StateCache
 
+logger = logging.getLogger(__name__)
 TASKS = ("predict", "embed", "score", "generate")
 _DEFAULT_CACHE_BYTES = 256 * 2**20
 
@@ -297,6 +299,12 @@ class ServingEngine:
     # ------------------------------------------------------------------------------------------- internals
     def _register(self, name: str, model: nn.Module, boundary: int, parent: str | None) -> ServedModel:
         tasks = _tasks_of(model)
+        if "generate" in tasks:
+            try:  # refused up front, not at the first request: generation needs full-attention KV caches
+                _partial_cache(model, self.num_blocks, 0, _Clock())
+            except ServingError as error:
+                logger.warning("Model %r will not generate: %s", name, error)
+                tasks = tuple(t for t in tasks if t != "generate")
         config = getattr(model, "config", None)
         served = ServedModel(name=name, model=model, boundary=boundary, tasks=tasks, pooling=self.pooling,
                              parent=parent, runner=PrefixRunner(model, get_layout(model)),

@@ -2,9 +2,12 @@
 batching and an HTTP app (FastAPI). `ServingEngine` needs only torch and transformers; `app` needs the `serve`
 extra (FastAPI, uvicorn, prometheus-client)."""
 
+from .batching import DynamicBatcher, OverloadedError
 from .engine import (
+    BaseMismatchServingError,
     EmbedRequest,
     GenerationRequest,
+    GenerationResult,
     Request,
     ServedModel,
     ServingEngine,
@@ -15,8 +18,12 @@ from .engine import (
 from .prefix_cache import StateCache
 
 __all__ = [
+    "BaseMismatchServingError",
+    "DynamicBatcher",
     "EmbedRequest",
     "GenerationRequest",
+    "GenerationResult",
+    "OverloadedError",
     "Request",
     "ServedModel",
     "ServingEngine",

@@ -10,7 +10,7 @@ from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import get_layout
 from hf_freeze.serving import EmbedRequest, GenerationRequest, Request, ServingEngine, UnknownModelError, WrongTaskError
-from hf_freeze.serving.engine import BaseMismatchServingError
+from hf_freeze.serving.engine import BaseMismatchServingError, _length_buckets
 
 FAMILIES = list(CONFIGS)
 CAUSAL = [f for f in FAMILIES if (f, "causal") not in UNSUPPORTED]
@@ -119,7 +119,7 @@ def _count_calls(module):
 
 
 def test_a_mixed_batch_runs_the_shared_prefix_once():
-    engine, models = _engine("bert", "seq", boundaries=(2, 3))
+    engine, models = _engine("bert", "seq", boundaries=(2, 3), max_padding=None)  # no split by length
     engine.predict(_mixed(models, count=3, seed=1))  # warm-up: each runner learns its blocks' output format once
     base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
     base_block2, h2 = _count_calls(get_layout(models[None]).blocks[2])
@@ -189,3 +189,26 @@ def test_a_model_with_sliding_window_layers_is_refused_generation_up_front():
     assert engine.models["base"].tasks == ("score",)
     with pytest.raises(WrongTaskError, match="cannot generate"):
         engine.generate([GenerationRequest([5, 6, 7])])
+
+
+def test_length_buckets_bound_the_padding_and_cover_every_row():
+    lengths = [3, 40, 38, 5, 4, 39, 20, 3]
+    buckets = _length_buckets(lengths, 0.25)
+    assert sorted(j for b in buckets for j in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        real = sum(lengths[j] for j in bucket)
+        assert len(bucket) * max(lengths[j] for j in bucket) <= 1.25 * real
+    assert len(buckets) == 3  # {40, 39, 38}, {20}, {5, 4, 3, 3}
+    assert _length_buckets(lengths, None) == [list(range(len(lengths)))]
+
+
+def test_a_batch_split_by_length_still_equals_own_forward():
+    engine, models = _engine("llama", "seq", boundaries=(2,))
+    ids = [[7] * 3, [8] * 30, [9] * 4, [10] * 29]
+    requests = [Request(i, model=m) for i in ids for m in ("k2", None)]
+    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    answers = engine.predict(requests)
+    handle.remove()
+    assert len(calls) >= 2  # long and short inputs ran in separate prefix forwards
+    for request, logits in zip(requests, answers):
+        torch.testing.assert_close(logits, _own(models[request.model], request.input_ids).logits[0], rtol=TOL, atol=TOL)

@@ -148,6 +148,9 @@ class ServingEngine:
         cache_bytes (`int`, defaults to 256 MiB): budget of the repeated-input cache of boundary states; 0 disables.
         share_prefix (`bool`, defaults to `True`): `False` runs every model's full forward on its own rows (the
             baseline that the shared prefix is measured against).
+        max_padding (`float`, *optional*, defaults to 0.25): a batch is split by length into forwards whose padding
+            stays within this fraction of their real tokens (padding is wasted compute); `None` never splits.
+        source (`str`, *optional*): the base's folder, for its sentence-transformers pooling config and `/info`.
 
     Example:
         ```python
@@ -159,7 +162,7 @@ class ServingEngine:
 
     def __init__(self, base: nn.Module, *, base_name: str = "base", pooling: str | None = None,
                  cache_bytes: int = _DEFAULT_CACHE_BYTES, share_prefix: bool = True,
-                 source: str | Path | None = None) -> None:
+                 max_padding: float | None = 0.25, source: str | Path | None = None) -> None:
         self.base = base.eval()
         self.base_layout = get_layout(base)
         self.base_runner = PrefixRunner(base, self.base_layout)
@@ -167,6 +170,9 @@ class ServingEngine:
         self.base_name = base_name
         self.source = str(source) if source is not None else None
         self.share_prefix = share_prefix
+        if max_padding is not None and max_padding < 0:
+            raise ValueError(f"`max_padding` must be >= 0 or None, got {max_padding}.")
+        self.max_padding = max_padding
         self.pooling = pooling or _sentence_transformers_pooling(source) or "mean"
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"`pooling` must be 'mean' or 'cls', got {self.pooling!r}.")
@@ -365,19 +371,22 @@ class ServingEngine:
             for i, request in enumerate(requests):
                 by_model[self._name(request)].append(i)
             results: list[tuple[Any, int]] = [None] * len(requests)  # type: ignore[list-item]
-            for name, rows in by_model.items():
+            for name, model_rows in by_model.items():
                 served = self.models[name]
-                inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(served.model),
-                                       execution_device(served.runner.layout.embeddings[0]))
-                inputs.update(_no_cache_kwargs(served.model))
-                if self._shares(served):
-                    padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
-                    with served.runner.inject_states(padded, served.boundary):
+                lengths = [len(requests[i].input_ids) for i in model_rows]
+                for bucket in _length_buckets(lengths, self.max_padding):
+                    rows = [model_rows[j] for j in bucket]
+                    inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(served.model),
+                                           execution_device(served.runner.layout.embeddings[0]))
+                    inputs.update(_no_cache_kwargs(served.model))
+                    if self._shares(served):
+                        padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
+                        with served.runner.inject_states(padded, served.boundary):
+                            out = served.model(**inputs)
+                    else:
                         out = served.model(**inputs)
-                else:
-                    out = served.model(**inputs)
-                for row, i in enumerate(rows):
-                    results[i] = (out, row)
+                    for row, i in enumerate(rows):
+                        results[i] = (out, row)
             return results
 
     def _boundary_states(self, requests: Sequence[Request]) -> dict[int, torch.Tensor]:
@@ -395,17 +404,25 @@ class ServingEngine:
                 states[i] = cached
             else:
                 missing[i] = served.boundary
-        if not missing:
+        missing_rows = list(missing)
+        if not missing_rows:
             return states
-        rows = list(missing)
+        for bucket in _length_buckets([len(requests[i].input_ids) for i in missing_rows], self.max_padding):
+            self._compute_states(requests, [missing_rows[j] for j in bucket], missing, states)
+        return states
+
+    def _compute_states(self, requests: Sequence[Request], rows: list[int], boundaries: Mapping[int, int],
+                        states: dict[int, torch.Tensor]) -> None:
+        """Run the base's prefix once for `rows` up to their smallest boundary, advance the rows with larger
+        boundaries from there (one forward per boundary), and keep (and cache) each row's unpadded states."""
         device = execution_device(self.base_layout.embeddings[0])
         inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(self.base), device)
         inputs.update(_no_cache_kwargs(self.base))
-        k_min = min(missing.values())
+        k_min = min(boundaries[i] for i in rows)
         shared = self.base_runner.boundary_states(inputs, k_min)
         by_boundary: dict[int, list[int]] = defaultdict(list)
         for row, i in enumerate(rows):
-            by_boundary[missing[i]].append(row)
+            by_boundary[boundaries[i]].append(row)
         for boundary, group in sorted(by_boundary.items()):
             if boundary == k_min:
                 computed = shared[group]
@@ -419,7 +436,26 @@ class ServingEngine:
                 if self.cache.max_bytes:
                     key = (self.fingerprint, boundary, tuple(int(t) for t in requests[i].input_ids))
                     self.cache.put(key, states[i].clone())
-        return states
+
+
+def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[list[int]]:
+    """Split positions `0..len(lengths)-1` into forwards so that padding stays within `max_padding` x the real
+    tokens of each (longest first); `None`: one forward for all."""
+    if not lengths:
+        return []
+    if max_padding is None or len(lengths) == 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    buckets: list[list[int]] = []
+    real = 0
+    for j in order:
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= (1 + max_padding) * (real + lengths[j]):
+            buckets[-1].append(j)
+            real += lengths[j]
+        else:
+            buckets.append([j])
+            real = lengths[j]
+    return buckets
 
 
 def _validate_generation(request: GenerationRequest) -> None:

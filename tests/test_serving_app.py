@@ -125,6 +125,9 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
            "validation")
     _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"beams": 2}}), 422,
            "validation")
+    for bad in ({"temperature": "hot", "do_sample": True}, {"top_p": 2.0, "do_sample": True}, {"seed": 1.5},
+                {"stop_token_ids": "eos"}, {"do_sample": "yes"}):
+        _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": bad}), 422, "validation")
     # the decoder server queues at most 1 input: a client batch of 2 is refused as overload
     assert "overloaded" in _error(httpx.post(f"{dec_url}/score", json={"inputs": [[5, 6], [7, 8]]}), 429,
                                   "overloaded")

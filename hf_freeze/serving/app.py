@@ -98,6 +98,10 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     async def serving_error(request: HttpRequest, error: ServingError) -> JSONResponse:
         return JSONResponse({"error": str(error), "error_type": error.error_type}, status_code=error.status)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: HttpRequest, error: Exception) -> JSONResponse:
+        return JSONResponse({"error": f"{type(error).__name__}: {error}", "error_type": "internal"}, status_code=500)
+
     @app.middleware("http")
     async def measure(request: HttpRequest, call_next):
         started = time.perf_counter()

@@ -459,16 +459,28 @@ def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[l
 
 
 def _validate_generation(request: GenerationRequest) -> None:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     n = request.max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not integer(n) or n < 1:
         raise ServingError(f"`max_new_tokens` must be an int >= 1, got {n!r}.")
-    if request.do_sample:
-        if not request.temperature > 0:
-            raise ServingError(f"`temperature` must be > 0 when sampling, got {request.temperature!r}.")
-        if request.top_p is not None and not 0 < request.top_p <= 1:
-            raise ServingError(f"`top_p` must be in (0, 1], got {request.top_p!r}.")
-        if request.top_k is not None and request.top_k < 0:
-            raise ServingError(f"`top_k` must be >= 0, got {request.top_k!r}.")
+    if not isinstance(request.do_sample, bool):
+        raise ServingError(f"`do_sample` must be true or false, got {request.do_sample!r}.")
+    if not number(request.temperature) or not request.temperature > 0:
+        raise ServingError(f"`temperature` must be a number > 0, got {request.temperature!r}.")
+    if request.top_p is not None and (not number(request.top_p) or not 0 < request.top_p <= 1):
+        raise ServingError(f"`top_p` must be a number in (0, 1], got {request.top_p!r}.")
+    if request.top_k is not None and (not integer(request.top_k) or request.top_k < 0):
+        raise ServingError(f"`top_k` must be an int >= 0, got {request.top_k!r}.")
+    if request.seed is not None and not integer(request.seed):
+        raise ServingError(f"`seed` must be an int, got {request.seed!r}.")
+    stops = request.stop_token_ids
+    if not isinstance(stops, (list, tuple)) or not all(integer(t) for t in stops):
+        raise ServingError(f"`stop_token_ids` must be a list of token ids, got {stops!r}.")
 
 
 def load_base(path: str | Path) -> nn.Module:

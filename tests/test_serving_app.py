@@ -21,9 +21,8 @@ from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import freeze_prefix
 from hf_freeze.checkpoint import save_suffix
-from hf_freeze.serving import Request, ServingEngine
+from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
-from hf_freeze.serving.engine import BaseMismatchServingError
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,16 @@ from conftest import CONFIGS, UNSUPPORTED, tiny_model
 from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import get_layout
-from hf_freeze.serving import EmbedRequest, GenerationRequest, Request, ServingEngine, UnknownModelError, WrongTaskError
-from hf_freeze.serving.engine import BaseMismatchServingError, _length_buckets
+from hf_freeze.serving import (
+    BaseMismatchServingError,
+    EmbedRequest,
+    GenerationRequest,
+    Request,
+    ServingEngine,
+    UnknownModelError,
+    WrongTaskError,
+)
+from hf_freeze.serving.engine import _length_buckets
 
 FAMILIES = list(CONFIGS)
 CAUSAL = [f for f in FAMILIES if (f, "causal") not in UNSUPPORTED]

@@ -3,19 +3,18 @@ batching and an HTTP app (FastAPI). `ServingEngine` needs only torch and transfo
 extra (FastAPI, uvicorn, prometheus-client)."""
 
 from .batching import DynamicBatcher, OverloadedError
-from .engine import (
+from .engine import ServedModel, ServingEngine
+from .prefix_cache import StateCache
+from .requests import (
     BaseMismatchServingError,
     EmbedRequest,
     GenerationRequest,
     GenerationResult,
     Request,
-    ServedModel,
-    ServingEngine,
     ServingError,
     UnknownModelError,
     WrongTaskError,
 )
-from .prefix_cache import StateCache
 
 __all__ = [
     "BaseMismatchServingError",

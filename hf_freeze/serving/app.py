@@ -37,7 +37,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import DynamicBatcher
-from .engine import EmbedRequest, GenerationRequest, Request, ServingEngine, ServingError
+from .engine import ServingEngine
+from .requests import EmbedRequest, GenerationRequest, Request, ServingError
 
 _ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate"}
 

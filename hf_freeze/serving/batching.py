@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .engine import GenerationRequest, Request, ServingEngine, ServingError
+from .engine import ServingEngine
+from .requests import GenerationRequest, Request, ServingError
 
 
 class OverloadedError(ServingError):

@@ -47,7 +47,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from ..assets import resolve_model
     from .app import create_app
-    from .engine import BaseMismatchServingError, ServingEngine
+    from .engine import ServingEngine
+    from .requests import BaseMismatchServingError
 
     models = {}
     for spec in args.model:

@@ -6,10 +6,8 @@ boundary present, advances each group of rows with a larger boundary from there,
 forward with its frozen blocks replaced by those states (`PrefixRunner.inject_states`): one suffix forward per
 model present. Everything goes through the models' own `forward`, so there is no per-family code.
 
-Generation shares the frozen layers at every decoding step, KV cache included: the prefix runs once for every row
-with one KV cache for layers `[0, k_min)`; each model's suffix keeps its own KV cache for its layers. Layers a
-forward skips are held by `_SkippedLayer` stand-ins that only report the sequence length, so the model builds its
-attention mask and positions exactly as in its own `generate`.
+Generation shares the frozen layers at every decoding step, KV cache included (`generation.py`). Requests,
+results and errors are in `requests.py`; the repeated-input cache in `prefix_cache.py`.
 """
 
 from __future__ import annotations
@@ -26,82 +24,28 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.models.auto import modeling_auto
 
 from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
 from ..prefix import PrefixRunner
+from .generation import Clock, generate_batch, pad_token_id, partial_cache
 from .prefix_cache import StateCache
+from .requests import (
+    BaseMismatchServingError,
+    GenerationRequest,
+    GenerationResult,
+    Request,
+    ServingError,
+    UnknownModelError,
+    WrongTaskError,
+    validate_generation,
+)
 
 logger = logging.getLogger(__name__)
 TASKS = ("predict", "embed", "score", "generate")
 _DEFAULT_CACHE_BYTES = 256 * 2**20
-
-
-class ServingError(ValueError):
-    """A request the engine refuses; `error_type` and `status` are what the HTTP layer reports."""
-
-    error_type = "validation"
-    status = 422
-
-
-class UnknownModelError(ServingError):
-    error_type = "unknown_model"
-    status = 404
-
-
-class WrongTaskError(ServingError):
-    error_type = "wrong_task"
-    status = 424
-
-
-class BaseMismatchServingError(ValueError):
-    """A fine-tune's frozen prefix is not the base's (raised at load time, never per request)."""
-
-
-@dataclass
-class Request:
-    """One input for `predict` or `score`: token ids for the fine-tune `model` (`None`: the base)."""
-
-    input_ids: Sequence[int]
-    model: str | None = None
-
-
-@dataclass
-class EmbedRequest(Request):
-    """One input for `embed`; `normalize` scales the pooled vector to unit L2 norm."""
-
-    normalize: bool = True
-
-
-@dataclass
-class GenerationRequest(Request):
-    """One prompt for `generate`.
-
-    Attributes:
-        max_new_tokens (`int`): at most this many new tokens.
-        do_sample (`bool`): sample (with `temperature`, `top_k`, `top_p`, `seed`) instead of greedy decoding.
-        stop_token_ids (`Sequence[int]`): generation ends after any of these (the model's EOS ids always stop it).
-    """
-
-    max_new_tokens: int = 20
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop_token_ids: Sequence[int] = ()
-
-
-@dataclass
-class GenerationResult:
-    """New token ids (the stop token included when one ended it) and why generation ended: `eos` or `length`."""
-
-    token_ids: list[int]
-    finish_reason: str
 
 
 @dataclass
@@ -296,8 +240,6 @@ class ServingEngine:
     @torch.no_grad()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Decode every prompt of the batch together; each step runs the shared prefix once for every row."""
-        from .generation import generate_batch
-
         self.validate("generate", requests)
         with self._lock:
             return generate_batch(self, requests)
@@ -307,7 +249,7 @@ class ServingEngine:
         tasks = _tasks_of(model)
         if "generate" in tasks:
             try:  # refused up front, not at the first request: generation needs full-attention KV caches
-                _partial_cache(model, self.num_blocks, 0, _Clock())
+                partial_cache(model, self.num_blocks, 0, Clock())
             except ServingError as error:
                 logger.warning("Model %r will not generate: %s", name, error)
                 tasks = tuple(t for t in tasks if t != "generate")
@@ -348,7 +290,7 @@ class ServingEngine:
             raise ValueError(f"Unknown task {task!r}; choose one of {list(TASKS)}.")
         for request in requests:
             if isinstance(request, GenerationRequest):
-                _validate_generation(request)
+                validate_generation(request)
             served = self.model_for(request.model, task)
             if len(request.input_ids) == 0:
                 raise ServingError("An input has no tokens; send at least one token.")
@@ -376,7 +318,7 @@ class ServingEngine:
                 lengths = [len(requests[i].input_ids) for i in model_rows]
                 for bucket in _length_buckets(lengths, self.max_padding):
                     rows = [model_rows[j] for j in bucket]
-                    inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(served.model),
+                    inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(served.model),
                                            execution_device(served.runner.layout.embeddings[0]))
                     inputs.update(_no_cache_kwargs(served.model))
                     if self._shares(served):
@@ -416,7 +358,7 @@ class ServingEngine:
         """Run the base's prefix once for `rows` up to their smallest boundary, advance the rows with larger
         boundaries from there (one forward per boundary), and keep (and cache) each row's unpadded states."""
         device = execution_device(self.base_layout.embeddings[0])
-        inputs = _right_padded([requests[i].input_ids for i in rows], _pad_id(self.base), device)
+        inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(self.base), device)
         inputs.update(_no_cache_kwargs(self.base))
         k_min = min(boundaries[i] for i in rows)
         shared = self.base_runner.boundary_states(inputs, k_min)
@@ -456,31 +398,6 @@ def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[l
             buckets.append([j])
             real = lengths[j]
     return buckets
-
-
-def _validate_generation(request: GenerationRequest) -> None:
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def integer(value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    n = request.max_new_tokens
-    if not integer(n) or n < 1:
-        raise ServingError(f"`max_new_tokens` must be an int >= 1, got {n!r}.")
-    if not isinstance(request.do_sample, bool):
-        raise ServingError(f"`do_sample` must be true or false, got {request.do_sample!r}.")
-    if not number(request.temperature) or not request.temperature > 0:
-        raise ServingError(f"`temperature` must be a number > 0, got {request.temperature!r}.")
-    if request.top_p is not None and (not number(request.top_p) or not 0 < request.top_p <= 1):
-        raise ServingError(f"`top_p` must be a number in (0, 1], got {request.top_p!r}.")
-    if request.top_k is not None and (not integer(request.top_k) or request.top_k < 0):
-        raise ServingError(f"`top_k` must be an int >= 0, got {request.top_k!r}.")
-    if request.seed is not None and not integer(request.seed):
-        raise ServingError(f"`seed` must be an int, got {request.seed!r}.")
-    stops = request.stop_token_ids
-    if not isinstance(stops, (list, tuple)) or not all(integer(t) for t in stops):
-        raise ServingError(f"`stop_token_ids` must be a list of token ids, got {stops!r}.")
 
 
 def load_base(path: str | Path) -> nn.Module:
@@ -527,15 +444,6 @@ def _sentence_transformers_pooling(source: str | Path | None) -> str | None:
     raise ValueError(f"{config} asks for a pooling other than CLS or mean ({values}); pass `pooling=` explicitly.")
 
 
-def _pad_id(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(config, "eos_token_id", None)
-        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
-    return int(pad) if pad is not None else 0
-
-
 def _right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     length = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
@@ -558,40 +466,3 @@ def _pad_states(per_row: Sequence[torch.Tensor], length: int) -> torch.Tensor:
 def _no_cache_kwargs(model: nn.Module) -> dict[str, Any]:
     """`use_cache=False` where the forward takes it: one-shot forwards need no KV cache."""
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-
-
-class _SkippedLayer(DynamicLayer):
-    """KV-cache layer of a block that another forward runs: reports the sequence length (so masks and positions
-    are built as usual) and refuses updates."""
-
-    def __init__(self, clock: _Clock) -> None:
-        super().__init__()
-        self.clock = clock
-
-    def get_seq_length(self) -> int:
-        return self.clock.past
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.clock.past + query_length, 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        raise RuntimeError("A block whose KV cache lives in the shared prefix ran in a suffix forward.")
-
-
-@dataclass
-class _Clock:
-    past: int = 0
-
-
-def _partial_cache(model: nn.Module, num_blocks: int, skipped: int, clock: _Clock) -> DynamicCache:
-    """A `DynamicCache` for `model` whose layers `[0, skipped)` are `_SkippedLayer`s."""
-    cache = DynamicCache(config=model.config)
-    while len(cache.layers) < num_blocks:
-        cache.layers.append(DynamicLayer())
-    kinds = {type(layer).__name__ for layer in cache.layers}
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise ServingError(f"Generation through a shared prefix needs full-attention KV caches; "
-                           f"{type(model).__name__} uses {sorted(kinds)}.")
-    for i in range(skipped):
-        cache.layers[i] = _SkippedLayer(clock)
-    return cache

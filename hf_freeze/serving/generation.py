@@ -15,13 +15,16 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from torch import nn
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import DynamicLayer
 
 from ..layout import execution_device
-from .engine import GenerationRequest, GenerationResult, _Clock, _pad_id, _partial_cache
+from .requests import GenerationRequest, GenerationResult, ServingError
 
 if TYPE_CHECKING:
     from .engine import ServedModel, ServingEngine
@@ -31,7 +34,7 @@ def generate_batch(engine: ServingEngine, requests: Sequence[GenerationRequest])
     """Decode `requests` together (see the module docstring); returns one result per request, in order."""
     served = [engine.models[engine._name(r)] for r in requests]
     device = execution_device(engine.base_layout.embeddings[0])
-    pad = _pad_id(engine.base)
+    pad = pad_token_id(engine.base)
     length = max(len(r.input_ids) for r in requests)
     ids = torch.full((len(requests), length), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -42,19 +45,19 @@ def generate_batch(engine: ServingEngine, requests: Sequence[GenerationRequest])
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
-    clock = _Clock(0)
+    clock = Clock(0)
     shared_rows = [i for i, s in enumerate(served) if engine._shares(s)]
     k_min = min((served[i].boundary for i in shared_rows), default=0)
-    prefix_cache = _partial_cache(engine.base, engine.num_blocks, 0, clock) if shared_rows else None
+    prefix_cache = partial_cache(engine.base, engine.num_blocks, 0, clock) if shared_rows else None
     by_boundary: dict[int, list[int]] = defaultdict(list)
     for i in shared_rows:
         if served[i].boundary > k_min:
             by_boundary[served[i].boundary].append(i)
-    advance_caches = {b: _partial_cache(engine.base, engine.num_blocks, k_min, clock) for b in by_boundary}
+    advance_caches = {b: partial_cache(engine.base, engine.num_blocks, k_min, clock) for b in by_boundary}
     by_model: dict[str, list[int]] = defaultdict(list)
     for i, s in enumerate(served):
         by_model[s.name].append(i)
-    model_caches = {name: _partial_cache(engine.models[name].model, engine.num_blocks,
+    model_caches = {name: partial_cache(engine.models[name].model, engine.num_blocks,
                                          engine.models[name].boundary if engine._shares(engine.models[name]) else 0,
                                          clock)
                     for name in by_model}
@@ -176,3 +179,52 @@ def _stop_ids(model, request: GenerationRequest) -> set[int]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     return {int(t) for t in (*eos, *request.stop_token_ids)}
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The model's pad token id, else its (first) EOS id, else 0."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return int(pad) if pad is not None else 0
+
+
+class SkippedLayer(DynamicLayer):
+    """KV-cache layer of a block that another forward runs: reports the sequence length (so masks and positions
+    are built as usual) and refuses updates."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def get_seq_length(self) -> int:
+        return self.clock.past
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.clock.past + query_length, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        raise RuntimeError("A block whose KV cache lives in the shared prefix ran in a suffix forward.")
+
+
+@dataclass
+class Clock:
+    """Tokens already in the KV caches of one decoding batch (shared by its `SkippedLayer`s)."""
+
+    past: int = 0
+
+
+def partial_cache(model: nn.Module, num_blocks: int, skipped: int, clock: Clock) -> DynamicCache:
+    """A `DynamicCache` for `model` whose layers `[0, skipped)` are `SkippedLayer`s."""
+    cache = DynamicCache(config=model.config)
+    while len(cache.layers) < num_blocks:
+        cache.layers.append(DynamicLayer())
+    kinds = {type(layer).__name__ for layer in cache.layers}
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ServingError(f"Generation through a shared prefix needs full-attention KV caches; "
+                           f"{type(model).__name__} uses {sorted(kinds)}.")
+    for i in range(skipped):
+        cache.layers[i] = SkippedLayer(clock)
+    return cache

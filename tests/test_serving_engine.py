@@ -220,3 +220,20 @@ def test_a_batch_split_by_length_still_equals_own_forward():
     assert len(calls) >= 2  # long and short inputs ran in separate prefix forwards
     for request, logits in zip(requests, answers):
         torch.testing.assert_close(logits, _own(models[request.model], request.input_ids).logits[0], rtol=TOL, atol=TOL)
+
+
+def test_each_decoding_step_runs_the_shared_prefix_once_for_all_rows():
+    engine, models = _engine("qwen2", "causal", boundaries=(1, 2))
+    engine.generate([GenerationRequest([5, 6], model=m, max_new_tokens=1) for m in ("k1", "k2", None)])  # warm-up
+    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
+    own = {name: _count_calls(get_layout(models[name]).blocks[0]) for name in ("k1", "k2")}
+    last = {name: _count_calls(get_layout(models[name]).blocks[3]) for name in ("k1", "k2")}
+    requests = [GenerationRequest(ids, model=["k1", "k2", None][i % 3], max_new_tokens=5, stop_token_ids=())
+                for i, ids in enumerate(random_ids(6, 8))]
+    results = engine.generate(requests)
+    steps = max(len(r.token_ids) for r in results)
+    assert len(base_block0) == steps  # one prefix forward per step for the 6 rows of 3 models
+    assert all(len(calls) == 0 for calls, _ in own.values())  # no fine-tune ran its frozen blocks
+    assert all(len(calls) == steps for calls, _ in last.values())  # one suffix forward per model per step
+    for _, handle in [(None, h0), *own.values(), *last.values()]:
+        handle.remove()

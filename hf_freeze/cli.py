@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "hf_freeze.commands.inspect",
     "hf_freeze.commands.push",
     "hf_freeze.commands.train",
+    "hf_freeze.serving.cli",
 )
 
 

@@ -1,0 +1,33 @@
+"""Serving fine-tunes of one base that share its frozen prefix: an engine, a repeated-input cache, dynamic
+batching and an HTTP app (FastAPI). `ServingEngine` needs only torch and transformers; `app` needs the `serve`
+extra (FastAPI, uvicorn, prometheus-client)."""
+
+from .batching import DynamicBatcher, OverloadedError
+from .engine import ServedModel, ServingEngine
+from .prefix_cache import StateCache
+from .requests import (
+    BaseMismatchServingError,
+    EmbedRequest,
+    GenerationRequest,
+    GenerationResult,
+    Request,
+    ServingError,
+    UnknownModelError,
+    WrongTaskError,
+)
+
+__all__ = [
+    "BaseMismatchServingError",
+    "DynamicBatcher",
+    "EmbedRequest",
+    "GenerationRequest",
+    "GenerationResult",
+    "OverloadedError",
+    "Request",
+    "ServedModel",
+    "ServingEngine",
+    "ServingError",
+    "StateCache",
+    "UnknownModelError",
+    "WrongTaskError",
+]

@@ -1,0 +1,172 @@
+"""Dynamic batching: requests wait at most a few milliseconds, and a batch holds at most a token budget.
+
+One worker thread owns the engine. It takes the oldest waiting input, then keeps taking inputs until
+`max_wait_ms` has passed since it took the first one or the next input would exceed `max_batch_tokens`; the
+inputs of one batch are then run task by task (one engine call per task present). The queue is bounded: `submit`
+refuses inputs beyond `max_queue` (the server answers 429) rather than letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .engine import ServingEngine
+from .requests import GenerationRequest, Request, ServingError
+
+
+class OverloadedError(ServingError):
+    """The queue is full; retry later."""
+
+    error_type = "overloaded"
+    status = 429
+
+
+@dataclass
+class _Job:
+    task: str
+    request: Request
+    tokens: int
+    future: Future = field(default_factory=Future)
+
+
+class DynamicBatcher:
+    """Queue inputs from many clients and run them through `engine` in batches.
+
+    Args:
+        engine (`ServingEngine`): the engine; only the batcher's thread calls it once started.
+        max_wait_ms (`float`, defaults to 5): how long the first input of a batch waits for company.
+        max_batch_tokens (`int`, defaults to 8192): token budget of a batch (prompt + `max_new_tokens` for
+            generation); an input larger than the budget runs alone.
+        max_queue (`int`, defaults to 1024): inputs waiting at most; beyond it `submit` raises `OverloadedError`.
+        on_batch (`Callable[[str, int, int], None]`, *optional*): called with (task, inputs, tokens) per engine call.
+
+    Example:
+        ```python
+        batcher = DynamicBatcher(engine, max_wait_ms=2)
+        batcher.start()
+        futures = batcher.submit("predict", [Request([101, 2023, 102], model="sst2")])
+        logits = futures[0].result()
+        batcher.stop()
+        ```
+    """
+
+    def __init__(self, engine: ServingEngine, *, max_wait_ms: float = 5.0, max_batch_tokens: int = 8192,
+                 max_queue: int = 1024, on_batch: Callable[[str, int, int], None] | None = None) -> None:
+        if max_wait_ms < 0 or max_batch_tokens < 1 or max_queue < 1:
+            raise ValueError(f"Need max_wait_ms >= 0, max_batch_tokens >= 1 and max_queue >= 1; got {max_wait_ms}, "
+                             f"{max_batch_tokens}, {max_queue}.")
+        self.engine = engine
+        self.max_wait = max_wait_ms / 1000
+        self.max_batch_tokens = max_batch_tokens
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._carry: _Job | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def queued(self) -> int:
+        """Inputs submitted and not answered yet."""
+        return self._pending
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self.alive:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._work, name="hf-freeze-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker after the batch it is running; inputs still queued get a `RuntimeError`."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job.future.set_exception(RuntimeError("The server is shutting down."))
+
+    def submit(self, task: str, requests: Sequence[Request]) -> list[Future]:
+        """Queue `requests` (validated by the engine first) for `task`; one future per request.
+
+        Raises:
+            `OverloadedError`: the queue holds `max_queue` inputs already.
+            `ServingError`: a request is invalid (unknown model, wrong task, too long); nothing is queued.
+        """
+        self.engine.validate(task, requests)
+        with self._pending_lock:
+            if self._pending + len(requests) > self.max_queue:
+                raise OverloadedError(f"The server is overloaded ({self._pending} inputs waiting, at most "
+                                      f"{self.max_queue}); retry later.")
+            self._pending += len(requests)
+        jobs = [_Job(task, r, len(r.input_ids) + getattr(r, "max_new_tokens", 0)) for r in requests]
+        for job in jobs:
+            self._queue.put(job)
+        return [job.future for job in jobs]
+
+    def _next_batch(self) -> list[_Job]:
+        first = self._carry
+        self._carry = None
+        if first is None:
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                return []
+        batch, tokens = [first], first.tokens
+        deadline = time.monotonic() + self.max_wait
+        while tokens < self.max_batch_tokens:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if tokens + job.tokens > self.max_batch_tokens:
+                self._carry = job
+                break
+            batch.append(job)
+            tokens += job.tokens
+        return batch
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            by_task: dict[str, list[_Job]] = defaultdict(list)
+            for job in batch:
+                by_task[job.task].append(job)
+            for task, jobs in by_task.items():
+                self._run(task, jobs)
+
+    def _run(self, task: str, jobs: list[_Job]) -> None:
+        try:
+            requests = [job.request for job in jobs]
+            if task == "generate":
+                results = self.engine.generate([r for r in requests if isinstance(r, GenerationRequest)])
+            else:
+                results = getattr(self.engine, task)(requests)
+            if self.on_batch is not None:
+                self.on_batch(task, len(jobs), sum(job.tokens for job in jobs))
+        except Exception as error:  # answer every waiting client, then keep serving
+            results = [error] * len(jobs)
+        with self._pending_lock:
+            self._pending -= len(jobs)
+        for job, result in zip(jobs, results):
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)

@@ -1,0 +1,103 @@
+"""`hf-freeze serve`: load a base and its fine-tunes, then serve them over HTTP with uvicorn.
+
+`register(subparsers)` adds the subcommand to the `hf-freeze` CLI; `python -m hf_freeze.serving.cli serve ...`
+runs it alone. A fine-tune that does not belong to the base stops the command before the server starts, with the
+file and both fingerprints in the message (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `serve` subcommand (`hf-freeze serve --base PATH --model NAME=PATH ...`) to `subparsers`."""
+    parser = subparsers.add_parser(
+        "serve", help="serve a base model and its frozen-prefix fine-tunes over HTTP",
+        description="Serve a base and any number of its fine-tunes; batches that mix fine-tunes run the frozen "
+                    "prefix they share once. Routes: POST /predict /embed /score /generate, GET /health /info "
+                    "/metrics.")
+    parser.add_argument("--base", required=True,
+                        help="base model folder (or a packaged short name: minilm, mpnet, smollm2)")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="a fine-tune to serve under NAME (repeatable): an hf_freeze checkpoint folder "
+                             "(suffix-only or full) or a plain transformers folder fine-tuned from the base")
+    parser.add_argument("--base-name", default="base", help="name of the base in requests (default: base)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    parser.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget of one batch")
+    parser.add_argument("--max-client-batch-size", type=int, default=32, help="inputs per request at most")
+    parser.add_argument("--max-queue", type=int, default=1024, help="waiting inputs at most (429 beyond)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size at most")
+    parser.add_argument("--cache-mb", type=float, default=256.0,
+                        help="budget of the repeated-input cache of boundary states (0 disables)")
+    parser.add_argument("--pooling", choices=["mean", "cls"], default=None,
+                        help="embedding pooling (default: the sentence-transformers config, else mean)")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="run every model's full forward (the baseline the shared prefix is measured against)")
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load everything (refusing mismatched fine-tunes up front), then run uvicorn until interrupted."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as error:
+        print(f"error: `hf-freeze serve` needs the serve extra ({error.name} is missing): "
+              "pip install 'hf-freeze[serve]'", file=sys.stderr)
+        return 2
+
+    from ..assets import resolve_model
+    from .app import create_app
+    from .engine import ServingEngine
+    from .requests import BaseMismatchServingError
+
+    models = {}
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            print(f"error: --model expects NAME=PATH, got {spec!r}", file=sys.stderr)
+            return 2
+        if not Path(path).exists():
+            print(f"error: --model {name}: {path} does not exist", file=sys.stderr)
+            return 2
+        models[name] = path
+    base_path = resolve_model(args.base)
+    try:
+        engine = ServingEngine.from_pretrained(
+            base_path, models, base_name=args.base_name, pooling=args.pooling,
+            cache_bytes=int(args.cache_mb * 2**20), share_prefix=not args.no_share_prefix)
+    except BaseMismatchServingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    app = create_app(engine, tokenizer=_tokenizer(base_path), max_wait_ms=args.max_wait_ms,
+                     max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
+                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _tokenizer(path: str):
+    """The base's tokenizer when its folder has one; without it the server takes token ids only."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-freeze")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""Serve one base model and any number of its fine-tunes, running the frozen prefix they share once per batch.
+
+A fine-tune frozen at boundary `k` has the base's own embeddings and blocks `[0, k)`. For a batch that mixes
+requests for several such models, the engine runs the base's prefix once for every row up to the smallest
+boundary present, advances each group of rows with a larger boundary from there, and then runs each model's own
+forward with its frozen blocks replaced by those states (`PrefixRunner.inject_states`): one suffix forward per
+model present. Everything goes through the models' own `forward`, so there is no per-family code.
+
+Generation shares the frozen layers at every decoding step, KV cache included (`generation.py`). Requests,
+results and errors are in `requests.py`; the repeated-input cache in `prefix_cache.py`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.models.auto import modeling_auto
+
+from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
+from ..freezing import frozen_boundary, get_layout
+from ..layout import execution_device
+from ..prefix import PrefixRunner
+from .generation import Clock, generate_batch, pad_token_id, partial_cache
+from .prefix_cache import StateCache
+from .requests import (
+    BaseMismatchServingError,
+    GenerationRequest,
+    GenerationResult,
+    Request,
+    ServingError,
+    UnknownModelError,
+    WrongTaskError,
+    validate_generation,
+)
+
+logger = logging.getLogger(__name__)
+TASKS = ("predict", "embed", "score", "generate")
+_DEFAULT_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass
+class ServedModel:
+    """A model the engine serves.
+
+    Attributes:
+        name (`str`): the name requests use.
+        model (`nn.Module`): the model, in eval mode.
+        boundary (`int`): blocks `[0, boundary)` (and the embeddings) are the base's own; the base itself has
+            `boundary = num_blocks`; `0` means nothing beyond the embeddings is shared (no prefix to share).
+        tasks (`tuple[str, ...]`): what it can do (`predict`, `embed`, `score`, `generate`).
+        pooling (`str`): `mean` or `cls`, for `embed`.
+        parent (`str | None`): the base's name for a fine-tune.
+    """
+
+    name: str
+    model: nn.Module
+    boundary: int
+    tasks: tuple[str, ...]
+    pooling: str
+    parent: str | None
+    runner: PrefixRunner = field(repr=False)
+    max_input_tokens: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (for `GET /info`)."""
+        config = getattr(self.model, "config", None)
+        id2label = getattr(config, "id2label", None) if "predict" in self.tasks else None
+        return {"name": self.name, "parent": self.parent, "architecture": type(self.model).__name__,
+                "boundary": self.boundary, "tasks": list(self.tasks), "pooling": self.pooling,
+                "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
+                "max_input_tokens": self.max_input_tokens}
+
+
+class ServingEngine:
+    """One base and its fine-tunes, served through the shared frozen prefix.
+
+    Args:
+        base (`nn.Module`): the base model (any transformers model; its own task head is served under `base_name`).
+        base_name (`str`, defaults to `"base"`): name of the base in requests (a request without `model` uses it).
+        pooling (`str`, *optional*): `"mean"` or `"cls"` for `embed`; default: the sentence-transformers pooling
+            config next to the base (`1_Pooling/config.json`) when present, else mean.
+        cache_bytes (`int`, defaults to 256 MiB): budget of the repeated-input cache of boundary states; 0 disables.
+        share_prefix (`bool`, defaults to `True`): `False` runs every model's full forward on its own rows (the
+            baseline that the shared prefix is measured against).
+        max_padding (`float`, *optional*, defaults to 0.25): a batch is split by length into forwards whose padding
+            stays within this fraction of their real tokens (padding is wasted compute); `None` never splits.
+        source (`str`, *optional*): the base's folder, for its sentence-transformers pooling config and `/info`.
+
+    Example:
+        ```python
+        engine = ServingEngine(base_model)
+        engine.add_model("sst2", finetuned)       # frozen at k with freeze_prefix, prefix == base's
+        engine.predict([Request([101, 2023, 102], model="sst2")])  # [logits tensor]
+        ```
+    """
+
+    def __init__(self, base: nn.Module, *, base_name: str = "base", pooling: str | None = None,
+                 cache_bytes: int = _DEFAULT_CACHE_BYTES, share_prefix: bool = True,
+                 max_padding: float | None = 0.25, source: str | Path | None = None) -> None:
+        self.base = base.eval()
+        self.base_layout = get_layout(base)
+        self.base_runner = PrefixRunner(base, self.base_layout)
+        self.num_blocks = self.base_layout.num_blocks
+        self.base_name = base_name
+        self.source = str(source) if source is not None else None
+        self.share_prefix = share_prefix
+        if max_padding is not None and max_padding < 0:
+            raise ValueError(f"`max_padding` must be >= 0 or None, got {max_padding}.")
+        self.max_padding = max_padding
+        self.pooling = pooling or _sentence_transformers_pooling(source) or "mean"
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"`pooling` must be 'mean' or 'cls', got {self.pooling!r}.")
+        self.fingerprint = prefix_fingerprint(base, self.base_layout, self.num_blocks)
+        self._prefix_fingerprints: dict[int, str] = {self.num_blocks: self.fingerprint}
+        self.cache = StateCache(cache_bytes)
+        self.models: dict[str, ServedModel] = {}
+        self._lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
+        self._register(base_name, base, self.num_blocks, parent=None)
+
+    # ----------------------------------------------------------------------------------------------- models
+    def add_model(self, name: str, model: nn.Module, boundary: int | None = None) -> ServedModel:
+        """Serve `model` under `name`; its embeddings and blocks `[0, boundary)` must equal the base's.
+
+        Args:
+            name (`str`): request name; must be new.
+            model (`nn.Module`): a fine-tune of the base (same architecture of blocks).
+            boundary (`int`, *optional*): shared blocks; default: the model's frozen boundary (`freeze_prefix`).
+
+        Raises:
+            `BaseMismatchServingError`: the model's prefix differs from the base's (both fingerprints named).
+        """
+        if name in self.models:
+            raise ValueError(f"A model named {name!r} is already served; choose another name.")
+        boundary = frozen_boundary(model) if boundary is None else boundary
+        if boundary is None:
+            raise ValueError(f"Model {name!r} has no frozen prefix: freeze it with `freeze_prefix(model, k)` or pass "
+                             "`boundary=` (the number of leading blocks it shares with the base).")
+        layout = get_layout(model)
+        if layout.num_blocks != self.num_blocks or not 0 <= boundary <= self.num_blocks:
+            raise BaseMismatchServingError(
+                f"Model {name!r} has {layout.num_blocks} blocks and boundary {boundary}; the base has "
+                f"{self.num_blocks} blocks. A fine-tune must keep the base's block stack.")
+        expected = self._base_prefix_fingerprint(boundary)
+        found = prefix_fingerprint(model, layout, boundary, frozen_boundary=frozen_boundary(model))
+        if found != expected:
+            raise BaseMismatchServingError(
+                f"Model {name!r} was not fine-tuned from this base: its prefix at boundary {boundary} has fingerprint "
+                f"{found}, the base's has {expected}. Serve it with the base it was trained from.")
+        return self._register(name, model.eval(), boundary, parent=self.base_name)
+
+    def load_model(self, name: str, path: str | Path) -> ServedModel:
+        """Load a fine-tune from `path` and serve it under `name`.
+
+        A folder saved by hf_freeze (suffix-only or full, with its freeze metadata) loads through
+        `hf_freeze.checkpoint.load_suffix`: its frozen-prefix tensors become the base's own (shared, not copied),
+        and a checkpoint of another base is refused there (`BaseMismatchError`, naming both fingerprints). A plain
+        transformers folder loads with the class its config names; it shares the leading units (embeddings, then
+        blocks) whose weights equal the base's, and is refused when not even its embeddings do.
+
+        Raises:
+            `BaseMismatchServingError`: `path` is a fine-tune of another base (the message names `path`).
+        """
+        from ..checkpoint import METADATA_NAME, BaseMismatchError, load_suffix, read_metadata
+
+        if (Path(path) / METADATA_NAME).is_file():
+            metadata = read_metadata(path)
+            try:
+                model = load_suffix(path, base=self.base)
+            except BaseMismatchError as error:
+                raise BaseMismatchServingError(f"Cannot serve {path} as {name!r}: {error}") from error
+            if metadata.boundary is not None:
+                return self.add_model(name, model, boundary=metadata.boundary)
+        else:
+            model = load_base(path)
+        return self.add_model(name, model, boundary=self._shared_units(model, name, path))
+
+    @classmethod
+    def from_pretrained(cls, base_path: str | Path, models: Mapping[str, str | Path] | None = None,
+                        **kwargs: Any) -> ServingEngine:
+        """Load the base from `base_path` (the class its config names in `architectures`), then each fine-tune."""
+        base = load_base(base_path)
+        engine = cls(base, source=base_path, **kwargs)
+        for name, path in (models or {}).items():
+            engine.load_model(name, path)
+        return engine
+
+    def model_for(self, name: str | None, task: str) -> ServedModel:
+        """The served model `name` (`None`: the base); raises `UnknownModelError` / `WrongTaskError`."""
+        served = self.models.get(self.base_name if name is None else name)
+        if served is None:
+            raise UnknownModelError(f"Unknown model {name!r}; served models: {sorted(self.models)}.")
+        if task not in served.tasks:
+            raise WrongTaskError(f"Model {served.name!r} ({type(served.model).__name__}) cannot {task}; it serves "
+                                 f"{list(served.tasks)}. Models that can {task}: "
+                                 f"{sorted(n for n, m in self.models.items() if task in m.tasks)}.")
+        return served
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    @torch.no_grad()
+    def predict(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Sequence-classification logits `[num_labels]` for each request (float32, on the CPU)."""
+        outputs = self._run("predict", requests)
+        return [out.logits[row].float().cpu() for out, row in outputs]
+
+    @torch.no_grad()
+    def embed(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Pooled last hidden state `[hidden]` for each request (mean or CLS, as `pooling` says)."""
+        outputs = self._run("embed", requests)
+        vectors = []
+        for request, (out, row) in zip(requests, outputs):
+            hidden = out.last_hidden_state[row, : len(request.input_ids)].float()
+            vector = hidden[0] if self.models[self._name(request)].pooling == "cls" else hidden.mean(0)
+            if getattr(request, "normalize", False):
+                vector = torch.nn.functional.normalize(vector, dim=-1)
+            vectors.append(vector.cpu())
+        return vectors
+
+    @torch.no_grad()
+    def score(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """Log-likelihood of each token given the ones before it (`[len(input_ids) - 1]`) under a causal LM."""
+        outputs = self._run("score", requests)
+        scores = []
+        for request, (out, row) in zip(requests, outputs):
+            n = len(request.input_ids)
+            logprobs = torch.log_softmax(out.logits[row, : n - 1].float(), dim=-1)
+            target = torch.as_tensor(list(request.input_ids[1:]), device=logprobs.device)
+            scores.append(logprobs.gather(-1, target[:, None])[:, 0].cpu())
+        return scores
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Decode every prompt of the batch together; each step runs the shared prefix once for every row."""
+        self.validate("generate", requests)
+        with self._lock:
+            return generate_batch(self, requests)
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _register(self, name: str, model: nn.Module, boundary: int, parent: str | None) -> ServedModel:
+        tasks = _tasks_of(model)
+        if "generate" in tasks:
+            try:  # refused up front, not at the first request: generation needs full-attention KV caches
+                partial_cache(model, self.num_blocks, 0, Clock())
+            except ServingError as error:
+                logger.warning("Model %r will not generate: %s", name, error)
+                tasks = tuple(t for t in tasks if t != "generate")
+        config = getattr(model, "config", None)
+        served = ServedModel(name=name, model=model, boundary=boundary, tasks=tasks, pooling=self.pooling,
+                             parent=parent, runner=PrefixRunner(model, get_layout(model)),
+                             max_input_tokens=getattr(config, "max_position_embeddings", None))
+        self.models[name] = served
+        return served
+
+    def _shared_units(self, model: nn.Module, name: str, path: str | Path) -> int:
+        """Boundary up to which `model`'s weights equal the base's (its leading equal units, minus one)."""
+        layout = get_layout(model)
+        if layout.num_blocks != self.num_blocks:
+            raise BaseMismatchServingError(f"Cannot serve {path} as {name!r}: it has {layout.num_blocks} blocks, the "
+                                           f"base has {self.num_blocks}.")
+        base_units = unit_digests(self.base, self.base_layout, self.num_blocks, frozen_boundary=self.num_blocks)
+        units = unit_digests(model, layout, self.num_blocks)
+        equal = next((i for i, (a, b) in enumerate(zip(base_units, units)) if a != b), len(units))
+        if equal == 0:
+            raise BaseMismatchServingError(
+                f"Cannot serve {path} as {name!r}: it was not fine-tuned from this base (its embeddings have "
+                f"fingerprint {chain_digests(units[:1])}, the base's have {chain_digests(base_units[:1])}).")
+        return equal - 1
+
+    def _base_prefix_fingerprint(self, boundary: int) -> str:
+        if boundary not in self._prefix_fingerprints:
+            self._prefix_fingerprints[boundary] = prefix_fingerprint(self.base, self.base_layout, boundary)
+        return self._prefix_fingerprints[boundary]
+
+    def _name(self, request: Request) -> str:
+        return self.base_name if request.model is None else request.model
+
+    def validate(self, task: str, requests: Sequence[Request]) -> None:
+        """Refuse a bad batch before any work: unknown model, wrong task, empty or too long input, bad
+        generation parameters (`ServingError` and subclasses, each naming the problem and the fix)."""
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; choose one of {list(TASKS)}.")
+        for request in requests:
+            if isinstance(request, GenerationRequest):
+                validate_generation(request)
+            served = self.model_for(request.model, task)
+            if len(request.input_ids) == 0:
+                raise ServingError("An input has no tokens; send at least one token.")
+            if task == "score" and len(request.input_ids) < 2:
+                raise ServingError("Scoring needs at least two tokens (the first one is only context).")
+            extra = getattr(request, "max_new_tokens", 0)
+            if served.max_input_tokens and len(request.input_ids) + extra > served.max_input_tokens:
+                raise ServingError(f"An input of {len(request.input_ids)} tokens (+ {extra} new) exceeds the "
+                                   f"{served.max_input_tokens} positions of model {served.name!r}; truncate it.")
+
+    def _shares(self, served: ServedModel) -> bool:
+        return self.share_prefix and served.boundary >= 1
+
+    def _run(self, task: str, requests: Sequence[Request]) -> list[tuple[Any, int]]:
+        """Forward every request for `task`; returns, per request, (its model's output, its row in it)."""
+        self.validate(task, requests)
+        with self._lock:
+            states = self._boundary_states(requests)
+            by_model: dict[str, list[int]] = defaultdict(list)
+            for i, request in enumerate(requests):
+                by_model[self._name(request)].append(i)
+            results: list[tuple[Any, int]] = [None] * len(requests)  # type: ignore[list-item]
+            for name, model_rows in by_model.items():
+                served = self.models[name]
+                lengths = [len(requests[i].input_ids) for i in model_rows]
+                for bucket in _length_buckets(lengths, self.max_padding):
+                    rows = [model_rows[j] for j in bucket]
+                    inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(served.model),
+                                           execution_device(served.runner.layout.embeddings[0]))
+                    inputs.update(_no_cache_kwargs(served.model))
+                    if self._shares(served):
+                        padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
+                        with served.runner.inject_states(padded, served.boundary):
+                            out = served.model(**inputs)
+                    else:
+                        out = served.model(**inputs)
+                    for row, i in enumerate(rows):
+                        results[i] = (out, row)
+            return results
+
+    def _boundary_states(self, requests: Sequence[Request]) -> dict[int, torch.Tensor]:
+        """Unpadded `[tokens, hidden]` states at its model's boundary, for each request whose model shares the
+        prefix: from the repeated-input cache, else computed (prefix to the smallest boundary, then advanced)."""
+        states: dict[int, torch.Tensor] = {}
+        missing: dict[int, int] = {}  # request index -> boundary
+        for i, request in enumerate(requests):
+            served = self.models[self._name(request)]
+            if not self._shares(served):
+                continue
+            key = (self.fingerprint, served.boundary, tuple(int(t) for t in request.input_ids))
+            cached = self.cache.get(key) if self.cache.max_bytes else None
+            if cached is not None:
+                states[i] = cached
+            else:
+                missing[i] = served.boundary
+        missing_rows = list(missing)
+        if not missing_rows:
+            return states
+        for bucket in _length_buckets([len(requests[i].input_ids) for i in missing_rows], self.max_padding):
+            self._compute_states(requests, [missing_rows[j] for j in bucket], missing, states)
+        return states
+
+    def _compute_states(self, requests: Sequence[Request], rows: list[int], boundaries: Mapping[int, int],
+                        states: dict[int, torch.Tensor]) -> None:
+        """Run the base's prefix once for `rows` up to their smallest boundary, advance the rows with larger
+        boundaries from there (one forward per boundary), and keep (and cache) each row's unpadded states."""
+        device = execution_device(self.base_layout.embeddings[0])
+        inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(self.base), device)
+        inputs.update(_no_cache_kwargs(self.base))
+        k_min = min(boundaries[i] for i in rows)
+        shared = self.base_runner.boundary_states(inputs, k_min)
+        by_boundary: dict[int, list[int]] = defaultdict(list)
+        for row, i in enumerate(rows):
+            by_boundary[boundaries[i]].append(row)
+        for boundary, group in sorted(by_boundary.items()):
+            if boundary == k_min:
+                computed = shared[group]
+            else:
+                index = torch.tensor(group, device=shared.device)
+                sub = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                computed = self.base_runner.boundary_states(sub, boundary, start=(k_min, shared[index]))
+            for row, states_row in zip(group, computed):
+                i = rows[row]
+                states[i] = states_row[: len(requests[i].input_ids)].detach()
+                if self.cache.max_bytes:
+                    key = (self.fingerprint, boundary, tuple(int(t) for t in requests[i].input_ids))
+                    self.cache.put(key, states[i].clone())
+
+
+def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[list[int]]:
+    """Split positions `0..len(lengths)-1` into forwards so that padding stays within `max_padding` x the real
+    tokens of each (longest first); `None`: one forward for all."""
+    if not lengths:
+        return []
+    if max_padding is None or len(lengths) == 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lambda j: -lengths[j])
+    buckets: list[list[int]] = []
+    real = 0
+    for j in order:
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] <= (1 + max_padding) * (real + lengths[j]):
+            buckets[-1].append(j)
+            real += lengths[j]
+        else:
+            buckets.append([j])
+            real = lengths[j]
+    return buckets
+
+
+def load_base(path: str | Path) -> nn.Module:
+    """Load a base model folder with the class its `config.json` names (`architectures[0]`), else `AutoModel`."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls or transformers.AutoModel).from_pretrained(path, dtype=torch.float32)
+
+
+def _tasks_of(model: nn.Module) -> tuple[str, ...]:
+    """Tasks from transformers' own auto-class mappings (which class a family uses for which head)."""
+    name = type(model).__name__
+
+    def mapped(mapping: Mapping[str, Any]) -> bool:
+        return any(name == v or (isinstance(v, (tuple, list)) and name in v) for v in mapping.values())
+
+    tasks = []
+    if mapped(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES):
+        tasks.append("predict")
+    if mapped(modeling_auto.MODEL_MAPPING_NAMES):
+        tasks.append("embed")
+    if mapped(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        tasks.append("score")
+        if getattr(model, "can_generate", lambda: False)():
+            tasks.append("generate")
+    return tuple(tasks)
+
+
+def _sentence_transformers_pooling(source: str | Path | None) -> str | None:
+    """`cls` or `mean` from a sentence-transformers `1_Pooling/config.json` beside the model, if any."""
+    if source is None:
+        return None
+    config = Path(source) / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    values = json.loads(config.read_text())
+    if values.get("pooling_mode_cls_token"):
+        return "cls"
+    if values.get("pooling_mode_mean_tokens"):
+        return "mean"
+    raise ValueError(f"{config} asks for a pooling other than CLS or mean ({values}); pass `pooling=` explicitly.")
+
+
+def _right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _pad_states(per_row: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Right-pad unpadded `[tokens_i, hidden]` states with zeros into `[rows, length, hidden]`."""
+    first = per_row[0]
+    out = first.new_zeros(len(per_row), length, first.shape[-1])
+    for row, states in enumerate(per_row):
+        out[row, : states.shape[0]] = states
+    return out
+
+
+def _no_cache_kwargs(model: nn.Module) -> dict[str, Any]:
+    """`use_cache=False` where the forward takes it: one-shot forwards need no KV cache."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}

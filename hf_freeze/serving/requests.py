@@ -1,0 +1,97 @@
+"""What the engine takes and returns, and the errors it refuses requests with (each carries its HTTP status)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class ServingError(ValueError):
+    """A request the engine refuses; `error_type` and `status` are what the HTTP layer reports."""
+
+    error_type = "validation"
+    status = 422
+
+
+class UnknownModelError(ServingError):
+    error_type = "unknown_model"
+    status = 404
+
+
+class WrongTaskError(ServingError):
+    error_type = "wrong_task"
+    status = 424
+
+
+class BaseMismatchServingError(ValueError):
+    """A fine-tune's frozen prefix is not the base's (raised at load time, never per request)."""
+
+
+@dataclass
+class Request:
+    """One input for `predict` or `score`: token ids for the fine-tune `model` (`None`: the base)."""
+
+    input_ids: Sequence[int]
+    model: str | None = None
+
+
+@dataclass
+class EmbedRequest(Request):
+    """One input for `embed`; `normalize` scales the pooled vector to unit L2 norm."""
+
+    normalize: bool = True
+
+
+@dataclass
+class GenerationRequest(Request):
+    """One prompt for `generate`.
+
+    Attributes:
+        max_new_tokens (`int`): at most this many new tokens.
+        do_sample (`bool`): sample (with `temperature`, `top_k`, `top_p`, `seed`) instead of greedy decoding.
+        stop_token_ids (`Sequence[int]`): generation ends after any of these (the model's EOS ids always stop it).
+    """
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+
+
+@dataclass
+class GenerationResult:
+    """New token ids (the stop token included when one ended it) and why generation ended: `eos` or `length`."""
+
+    token_ids: list[int]
+    finish_reason: str
+
+
+def validate_generation(request: GenerationRequest) -> None:
+    """Refuse bad generation parameters, naming the parameter and what it must be."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    n = request.max_new_tokens
+    if not integer(n) or n < 1:
+        raise ServingError(f"`max_new_tokens` must be an int >= 1, got {n!r}.")
+    if not isinstance(request.do_sample, bool):
+        raise ServingError(f"`do_sample` must be true or false, got {request.do_sample!r}.")
+    if not number(request.temperature) or not request.temperature > 0:
+        raise ServingError(f"`temperature` must be a number > 0, got {request.temperature!r}.")
+    if request.top_p is not None and (not number(request.top_p) or not 0 < request.top_p <= 1):
+        raise ServingError(f"`top_p` must be a number in (0, 1], got {request.top_p!r}.")
+    if request.top_k is not None and (not integer(request.top_k) or request.top_k < 0):
+        raise ServingError(f"`top_k` must be an int >= 0, got {request.top_k!r}.")
+    if request.seed is not None and not integer(request.seed):
+        raise ServingError(f"`seed` must be an int, got {request.seed!r}.")
+    stops = request.stop_token_ids
+    if not isinstance(stops, (list, tuple)) or not all(integer(t) for t in stops):
+        raise ServingError(f"`stop_token_ids` must be a list of token ids, got {stops!r}.")

@@ -1,0 +1,256 @@
+"""HTTP tests against a real uvicorn server on 127.0.0.1: answers equal each model's own forward, every bad request
+gets its 4xx JSON error and the server keeps serving, and a bounded loopback load test answers every request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import tiny_model
+from serving_helpers import perturbed_finetune, random_ids
+
+from hf_freeze import freeze_prefix
+from hf_freeze.checkpoint import save_suffix
+from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine
+from hf_freeze.serving.app import create_app, serve_in_thread
+
+TOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def classifier_server():
+    base = tiny_model("bert", "seq").eval()
+    models = {"base": base, "k1": perturbed_finetune("bert", "seq", 1, seed=1, base=base),
+              "k3": perturbed_finetune("bert", "seq", 3, seed=3, base=base)}
+    engine = ServingEngine(base, cache_bytes=16 * 1024)  # small: the load test must evict
+    for name in ("k1", "k3"):
+        engine.add_model(name, models[name])
+    app = create_app(engine, max_wait_ms=2, max_batch_tokens=512, max_client_batch_size=8, max_queue=256,
+                     max_body_bytes=4096)
+    with serve_in_thread(app) as url:
+        yield url, engine, models
+
+
+@pytest.fixture(scope="module")
+def decoder_server():
+    base = tiny_model("llama", "causal").eval()
+    models = {"base": base, "k2": perturbed_finetune("llama", "causal", 2, seed=2, base=base)}
+    engine = ServingEngine(base)
+    engine.add_model("k2", models["k2"])
+    with serve_in_thread(create_app(engine, max_wait_ms=2, max_queue=1)) as url:
+        yield url, engine, models
+
+
+@torch.no_grad()
+def _probs(model, ids):
+    return model(input_ids=torch.tensor([ids])).logits[0].softmax(-1)
+
+
+def test_predict_over_http_equals_each_models_own_forward(classifier_server):
+    url, _, models = classifier_server
+    inputs = random_ids(4, 0)
+    for name in ("k1", "k3", None):
+        body = {"inputs": inputs} if name is None else {"inputs": inputs, "model": name}
+        answer = httpx.post(f"{url}/predict", json=body).json()
+        model = models[name or "base"]
+        for ids, labels in zip(inputs, answer):
+            expected = _probs(model, ids)
+            order = expected.argsort(descending=True)
+            assert [x["label"] for x in labels] == [model.config.id2label[int(i)] for i in order]
+            got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
+            torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+    single = httpx.post(f"{url}/predict", json={"inputs": inputs[0], "model": "k1", "raw_scores": True}).json()
+    logits = models["k1"](input_ids=torch.tensor([inputs[0]])).logits[0].detach()
+    assert single[0]["score"] == pytest.approx(float(logits.max()), abs=TOL)
+
+
+def test_score_and_generate_over_http(decoder_server):
+    url, _, models = decoder_server
+    ids = random_ids(1, 4)[0]
+    scored = httpx.post(f"{url}/score", json={"inputs": ids, "model": "k2"}).json()
+    logits = models["k2"](input_ids=torch.tensor([ids])).logits[0]
+    expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(scored["logprobs"]), expected, rtol=TOL, atol=TOL)
+    answer = httpx.post(f"{url}/generate", json={"inputs": ids, "model": "k2",
+                                                 "parameters": {"max_new_tokens": 5}}).json()
+    own = models["k2"].generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    assert answer["token_ids"] == own[: len(answer["token_ids"])]
+    assert answer["details"]["generated_tokens"] == len(answer["token_ids"])
+
+
+def _error(response, status, error_type):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_type"] == error_type and body["error"]
+    return body["error"]
+
+
+def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_server, decoder_server):
+    url, _, _ = classifier_server
+    ok = {"inputs": [5, 6, 7], "model": "k1"}
+    assert "k3" in _error(httpx.post(f"{url}/predict", json={**ok, "model": "nope"}), 404, "unknown_model")
+    assert "cannot generate" in _error(httpx.post(f"{url}/generate", json=ok), 424, "wrong_task")
+    assert "512 positions" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 600}), 422,
+                                     "validation")
+    truncated = httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 600, "truncate": True})
+    assert truncated.status_code == 200
+    assert "at most 8" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [[5, 6]] * 9}), 413,
+                                 "payload_too_large")
+    _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [[5, 6]] * 600}), 413, "payload_too_large")
+    assert "Malformed JSON" in _error(httpx.post(f"{url}/predict", content=b'{"inputs": [1, 2'), 422, "validation")
+    _error(httpx.post(f"{url}/predict", json=[1, 2]), 422, "validation")
+    assert "tokenizer" in _error(httpx.post(f"{url}/predict", json={"inputs": "text"}), 422, "validation")
+    _error(httpx.post(f"{url}/predict", json={"inputs": [[1.5, 2]]}), 422, "validation")
+    dec_url = decoder_server[0]
+    _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"max_new_tokens": 0}}), 422,
+           "validation")
+    _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"beams": 2}}), 422,
+           "validation")
+    for bad in ({"temperature": "hot", "do_sample": True}, {"top_p": 2.0, "do_sample": True}, {"seed": 1.5},
+                {"stop_token_ids": "eos"}, {"do_sample": "yes"}):
+        _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": bad}), 422, "validation")
+    # the decoder server queues at most 1 input: a client batch of 2 is refused as overload
+    assert "overloaded" in _error(httpx.post(f"{dec_url}/score", json={"inputs": [[5, 6], [7, 8]]}), 429,
+                                  "overloaded")
+    assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{dec_url}/health").status_code == 200
+    assert httpx.post(f"{url}/predict", json=ok).status_code == 200
+    assert httpx.post(f"{dec_url}/score", json={"inputs": [5, 6, 7]}).status_code == 200
+
+
+def test_info_and_metrics(classifier_server):
+    url, engine, _ = classifier_server
+    info = httpx.get(f"{url}/info").json()
+    assert info["fingerprint"] == engine.fingerprint
+    assert {m["name"]: m["boundary"] for m in info["models"]} == {"base": 4, "k1": 1, "k3": 3}
+    assert all(m["tasks"] == ["predict"] for m in info["models"]) and info["limits"]["max_client_batch_size"] == 8
+    ids = random_ids(1, 9)[0]
+    for _ in range(2):
+        httpx.post(f"{url}/predict", json={"inputs": ids, "model": "k3"})
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'hf_freeze_requests_total{route="/predict",status="200"}' in metrics
+    assert "hf_freeze_batch_size_bucket" in metrics and "hf_freeze_request_duration_seconds_bucket" in metrics
+    hits = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("hf_freeze_cache_hits"))
+    assert hits >= 1 and hits == engine.cache.hits
+
+
+def test_loopback_load_every_request_answered_correctly(classifier_server):
+    url, engine, models = classifier_server
+    inputs = random_ids(40, 11)
+    names = ["k1", "k3", "base"]
+    expected = {(n, i): _probs(models[n], ids) for n in names for i, ids in enumerate(inputs)}
+    total, clients = 2000, 32
+    answers: dict[int, tuple[int, list]] = {}
+
+    async def client(worker: int, http: httpx.AsyncClient) -> None:
+        for r in range(worker, total, clients):
+            name, i = names[r % 3], (r * 7) % len(inputs)
+            response = await http.post("/predict", json={"inputs": inputs[i], "model": name})
+            answers[r] = (response.status_code, response.json())
+
+    async def load() -> None:
+        limits = httpx.Limits(max_connections=clients)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+            await asyncio.gather(*(client(w, http) for w in range(clients)))
+
+    asyncio.run(load())
+    assert len(answers) == total and all(status == 200 for status, _ in answers.values())
+    for r, (_, labels) in answers.items():
+        name, i = names[r % 3], (r * 7) % len(inputs)
+        got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
+        torch.testing.assert_close(got, expected[(name, i)], rtol=TOL, atol=TOL)
+    assert engine.cache.evictions > 0 and engine.cache.nbytes <= engine.cache.max_bytes
+    assert engine.cache.hits > 0
+    metrics = httpx.get(f"{url}/metrics").text
+    sums = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+            if line.startswith("hf_freeze_batch_size_")}
+    assert sums['hf_freeze_batch_size_sum{task="predict"}'] > sums['hf_freeze_batch_size_count{task="predict"}']
+
+
+def _serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hf_freeze.serving.cli", "serve", *args]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path):
+    base = tiny_model("bert", "seq").eval()
+    base.save_pretrained(tmp_path / "base")
+    finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
+    save_suffix(finetune, tmp_path / "ft", base_model=str(tmp_path / "base"))
+    stranger = tiny_model("bert", "seq", seed=1)
+    freeze_prefix(stranger, 2)
+    save_suffix(stranger, tmp_path / "stranger")
+
+    refused = subprocess.run(_serve_command("--base", str(tmp_path / "base"), "--model", f"x={tmp_path / 'stranger'}",
+                                            "--port", str(_free_port())),
+                             capture_output=True, text=True, env=_env(), timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert str(tmp_path / "stranger") in refused.stderr
+    fingerprints = set(re.findall(r"\b[0-9a-f]{32}\b", refused.stderr))
+    assert len(fingerprints) >= 2, refused.stderr  # both fingerprints named
+
+    port = _free_port()
+    process = subprocess.Popen(_serve_command("--base", str(tmp_path / "base"), "--model", f"ft={tmp_path / 'ft'}",
+                                              "--port", str(port)), env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        info = httpx.get(f"{url}/info").json()
+        assert {m["name"]: m["boundary"] for m in info["models"]} == {"base": 4, "ft": 2}
+        ids = [5, 9, 33, 2]
+        answer = httpx.post(f"{url}/predict", json={"inputs": ids, "model": "ft", "raw_scores": True}).json()
+        got = torch.tensor([x["score"] for x in sorted(answer, key=lambda x: x["label"])])
+        with torch.no_grad():
+            expected = finetune(input_ids=torch.tensor([ids])).logits[0]
+        torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_load_model_shares_the_base_tensors_and_detects_the_boundary_of_plain_folders(tmp_path):
+    base = tiny_model("bert", "seq").eval()
+    engine = ServingEngine(base)
+    finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
+    save_suffix(finetune, tmp_path / "suffix")
+    finetune.save_pretrained(tmp_path / "plain")  # no hf_freeze metadata: the shared units are found by digests
+    served = engine.load_model("suffix", tmp_path / "suffix")
+    plain = engine.load_model("plain", tmp_path / "plain")
+    assert served.boundary == plain.boundary == 2
+    embedding = served.model.get_input_embeddings().weight
+    assert embedding.data_ptr() == base.get_input_embeddings().weight.data_ptr()  # one prefix in memory
+    ids = random_ids(4, 2)
+    answers = engine.predict([Request(i, model=m) for m in ("suffix", "plain") for i in ids])
+    with torch.no_grad():
+        for answer, i in zip(answers, ids + ids):
+            torch.testing.assert_close(answer, finetune(input_ids=torch.tensor([i])).logits[0], rtol=TOL, atol=TOL)
+    stranger = tiny_model("bert", "seq", seed=1)
+    stranger.save_pretrained(tmp_path / "stranger")
+    with pytest.raises(BaseMismatchServingError, match="stranger.*not fine-tuned from this base"):
+        engine.load_model("stranger", tmp_path / "stranger")

@@ -1,0 +1,239 @@
+"""ServingEngine: every answer through the shared prefix equals the model's own forward (fp32, 1e-5), greedy
+generation equals each model's own `generate`, the prefix runs once per batch, repeated inputs skip it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CONFIGS, UNSUPPORTED, tiny_model
+from serving_helpers import perturbed_finetune, random_ids
+
+from hf_freeze import get_layout
+from hf_freeze.serving import (
+    BaseMismatchServingError,
+    EmbedRequest,
+    GenerationRequest,
+    Request,
+    ServingEngine,
+    UnknownModelError,
+    WrongTaskError,
+)
+from hf_freeze.serving.engine import _length_buckets
+
+FAMILIES = list(CONFIGS)
+CAUSAL = [f for f in FAMILIES if (f, "causal") not in UNSUPPORTED]
+BOUNDARIES = (1, 2, 4)  # 4 = every block frozen: only the head is the fine-tune's own
+TOL = 1e-5
+
+
+def _engine(family: str, head: str, boundaries=BOUNDARIES, **kwargs):
+    base = tiny_model(family, head).eval()
+    engine = ServingEngine(base, **kwargs)
+    models = {None: base}
+    for k in boundaries:
+        models[f"k{k}"] = perturbed_finetune(family, head, k, seed=10 + k, base=base)
+        engine.add_model(f"k{k}", models[f"k{k}"])
+    return engine, models
+
+
+def _mixed(models, count=12, seed=0, cls=Request, **kwargs):
+    names = list(models)
+    return [cls(ids, model=names[i % len(names)], **kwargs) for i, ids in enumerate(random_ids(count, seed))]
+
+
+def _own(model, ids, **kwargs):
+    return model(input_ids=torch.tensor([ids]), **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predict_equals_each_models_own_forward(family):
+    engine, models = _engine(family, "seq")
+    requests = _mixed(models)
+    answers = engine.predict(requests)
+    for request, logits in zip(requests, answers):
+        expected = _own(models[request.model], request.input_ids).logits[0]
+        torch.testing.assert_close(logits, expected, rtol=TOL, atol=TOL)
+    # the fine-tunes really differ from the base (otherwise the comparison above proves little)
+    ids = requests[0].input_ids
+    assert not torch.allclose(_own(models["k1"], ids).logits, _own(models[None], ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_embed_equals_pooled_own_forward(family, pooling):
+    engine, models = _engine(family, "base", boundaries=(1, 3), pooling=pooling)
+    requests = _mixed(models, cls=EmbedRequest, normalize=True)
+    for request, vector in zip(requests, engine.embed(requests)):
+        hidden = _own(models[request.model], request.input_ids).last_hidden_state[0]
+        expected = torch.nn.functional.normalize(hidden[0] if pooling == "cls" else hidden.mean(0), dim=-1)
+        torch.testing.assert_close(vector, expected, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_score_equals_own_log_likelihood(family):
+    engine, models = _engine(family, "causal")
+    requests = _mixed(models, seed=3)
+    for request, scores in zip(requests, engine.score(requests)):
+        logits = _own(models[request.model], request.input_ids).logits[0]
+        expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(request.input_ids[1:])[:, None])[:, 0]
+        assert scores.shape == (len(request.input_ids) - 1,)
+        torch.testing.assert_close(scores, expected, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_greedy_generation_is_token_identical_to_own_generate(family):
+    engine, models = _engine(family, "causal", boundaries=(1, 2, 3))
+    requests = _mixed(models, count=10, seed=5, cls=GenerationRequest, max_new_tokens=7)
+    results = engine.generate(requests)
+    for model_name, model in models.items():
+        rows = [i for i, r in enumerate(requests) if r.model == model_name]
+        # the model's own generate on its own rows, left-padded the same way
+        length = max(len(requests[i].input_ids) for i in rows)
+        pad = model.config.pad_token_id
+        ids = torch.tensor([[pad] * (length - len(requests[i].input_ids)) + requests[i].input_ids for i in rows])
+        starts = torch.tensor([length - len(requests[i].input_ids) for i in rows])
+        mask = torch.arange(length)[None] >= starts[:, None]
+        own = model.generate(ids, attention_mask=mask.long(), max_new_tokens=7, do_sample=False, pad_token_id=pad)
+        eos = model.generation_config.eos_token_id
+        for row, i in enumerate(rows):
+            expected = own[row, length:].tolist()
+            if eos in expected:
+                expected = expected[: expected.index(eos) + 1]
+            assert results[i].token_ids == expected, (model_name, i)
+            assert results[i].finish_reason == ("eos" if expected[-1] == eos else "length")
+
+
+def test_generation_stops_at_stop_tokens_and_max_tokens_and_samples_reproducibly():
+    engine, models = _engine("llama", "causal", boundaries=(2,))
+    prompt = random_ids(1, 7)[0]
+    greedy = engine.generate([GenerationRequest(prompt, model="k2", max_new_tokens=6)])[0]
+    assert len(greedy.token_ids) == 6 and greedy.finish_reason == "length"
+    stop = greedy.token_ids[2]
+    stopped = engine.generate([GenerationRequest(prompt, model="k2", max_new_tokens=6, stop_token_ids=[stop])])[0]
+    first = greedy.token_ids.index(stop)
+    assert stopped.token_ids == greedy.token_ids[: first + 1] and stopped.finish_reason == "eos"
+    sample = dict(model="k2", max_new_tokens=8, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=3)
+    a, b = engine.generate([GenerationRequest(prompt, **sample), GenerationRequest(prompt, **sample)])
+    assert a.token_ids == b.token_ids  # same seed, same tokens, whatever the batch
+    others = {tuple(engine.generate([GenerationRequest(prompt, **{**sample, "seed": s})])[0].token_ids)
+              for s in range(4, 10)}
+    assert len(others) > 1  # sampling really samples
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_a_mixed_batch_runs_the_shared_prefix_once():
+    engine, models = _engine("bert", "seq", boundaries=(2, 3), max_padding=None)  # no split by length
+    engine.predict(_mixed(models, count=3, seed=1))  # warm-up: each runner learns its blocks' output format once
+    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
+    base_block2, h2 = _count_calls(get_layout(models[None]).blocks[2])
+    own_prefix = [_count_calls(get_layout(models[name]).blocks[0]) for name in ("k2", "k3")]
+    own_block3 = [_count_calls(get_layout(models[name]).blocks[3]) for name in ("k2", "k3")]
+    engine.predict(_mixed(models, count=9))
+    assert len(base_block0) == 1  # blocks [0, 2): once for all 9 rows of 3 models
+    assert len(base_block2) == 2  # block 2 is frozen for k3 (advance) and the base (advance to 4): 2 groups
+    assert all(len(calls) == 0 for calls, _ in own_prefix)  # fine-tunes never run their frozen blocks
+    assert all(len(calls) == 1 for calls, _ in own_block3)  # one suffix forward per model
+    for handle in [h0, h2, *(h for _, h in own_prefix + own_block3)]:
+        handle.remove()
+
+
+def test_unshared_engine_gives_the_same_answers():
+    shared, models = _engine("qwen2", "seq", boundaries=(2,))
+    separate = ServingEngine(models[None], share_prefix=False)
+    separate.add_model("k2", models["k2"])
+    requests = _mixed(models)
+    for a, b in zip(shared.predict(requests), separate.predict(requests)):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+
+
+def test_repeated_inputs_hit_the_cache_and_skip_the_prefix():
+    engine, models = _engine("gpt2", "seq", boundaries=(2,))
+    requests = _mixed(models, count=6)
+    first = engine.predict(requests)
+    assert (engine.cache.hits, engine.cache.misses) == (0, 6)
+    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    second = engine.predict(requests)
+    handle.remove()
+    assert engine.cache.hits == 6 and not calls  # every row from the cache: no prefix block ran
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
+    assert 0 < engine.cache.nbytes <= engine.cache.max_bytes
+
+
+def test_a_finetune_of_another_base_is_refused_naming_both_fingerprints():
+    engine, _ = _engine("bert", "seq", boundaries=())
+    stranger = tiny_model("bert", "seq", seed=1)
+    from hf_freeze import freeze_prefix
+
+    freeze_prefix(stranger, 2)
+    with pytest.raises(BaseMismatchServingError, match="fingerprint [0-9a-f]{32}.*base's has [0-9a-f]{32}"):
+        engine.add_model("stranger", stranger)
+    assert "stranger" not in engine.models
+
+
+def test_unknown_model_wrong_task_and_bad_inputs_are_refused():
+    engine, _ = _engine("bert", "seq", boundaries=(2,))
+    with pytest.raises(UnknownModelError, match="served models: \\['base', 'k2'\\]"):
+        engine.predict([Request([5, 6], model="nope")])
+    with pytest.raises(WrongTaskError, match="cannot generate"):
+        engine.generate([GenerationRequest([5, 6], model="k2")])
+    with pytest.raises(ValueError, match="no tokens"):
+        engine.predict([Request([], model="k2")])
+    with pytest.raises(ValueError, match="exceeds the 512 positions"):
+        engine.predict([Request([5] * 600, model="k2")])
+
+
+def test_a_model_with_sliding_window_layers_is_refused_generation_up_front():
+    import transformers as T
+
+    config = T.MistralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=37, sliding_window=4)
+    engine = ServingEngine(T.MistralForCausalLM(config).eval())
+    assert engine.models["base"].tasks == ("score",)
+    with pytest.raises(WrongTaskError, match="cannot generate"):
+        engine.generate([GenerationRequest([5, 6, 7])])
+
+
+def test_length_buckets_bound_the_padding_and_cover_every_row():
+    lengths = [3, 40, 38, 5, 4, 39, 20, 3]
+    buckets = _length_buckets(lengths, 0.25)
+    assert sorted(j for b in buckets for j in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        real = sum(lengths[j] for j in bucket)
+        assert len(bucket) * max(lengths[j] for j in bucket) <= 1.25 * real
+    assert len(buckets) == 3  # {40, 39, 38}, {20}, {5, 4, 3, 3}
+    assert _length_buckets(lengths, None) == [list(range(len(lengths)))]
+
+
+def test_a_batch_split_by_length_still_equals_own_forward():
+    engine, models = _engine("llama", "seq", boundaries=(2,))
+    ids = [[7] * 3, [8] * 30, [9] * 4, [10] * 29]
+    requests = [Request(i, model=m) for i in ids for m in ("k2", None)]
+    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    answers = engine.predict(requests)
+    handle.remove()
+    assert len(calls) >= 2  # long and short inputs ran in separate prefix forwards
+    for request, logits in zip(requests, answers):
+        torch.testing.assert_close(logits, _own(models[request.model], request.input_ids).logits[0], rtol=TOL, atol=TOL)
+
+
+def test_each_decoding_step_runs_the_shared_prefix_once_for_all_rows():
+    engine, models = _engine("qwen2", "causal", boundaries=(1, 2))
+    engine.generate([GenerationRequest([5, 6], model=m, max_new_tokens=1) for m in ("k1", "k2", None)])  # warm-up
+    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
+    own = {name: _count_calls(get_layout(models[name]).blocks[0]) for name in ("k1", "k2")}
+    last = {name: _count_calls(get_layout(models[name]).blocks[3]) for name in ("k1", "k2")}
+    requests = [GenerationRequest(ids, model=["k1", "k2", None][i % 3], max_new_tokens=5, stop_token_ids=())
+                for i, ids in enumerate(random_ids(6, 8))]
+    results = engine.generate(requests)
+    steps = max(len(r.token_ids) for r in results)
+    assert len(base_block0) == steps  # one prefix forward per step for the 6 rows of 3 models
+    assert all(len(calls) == 0 for calls, _ in own.values())  # no fine-tune ran its frozen blocks
+    assert all(len(calls) == steps for calls, _ in last.values())  # one suffix forward per model per step
+    for _, handle in [(None, h0), *own.values(), *last.values()]:
+        handle.remove()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from hf_freeze import PrefixCache, StaleCacheError, freeze_prefix, get_layout
-from hf_freeze.cache import INDEX_NAME, MANIFEST_NAME, STATES_NAME
+from hf_freeze import PrefixCache, StaleCacheError, freeze_prefix, get_layout, unfreeze
+from hf_freeze.cache.store import INDEX_NAME, MANIFEST_NAME, STATES_NAME
 
 DIGEST = b"d" * 16
 OTHER = b"o" * 16
@@ -48,12 +48,59 @@ def test_entry_from_a_later_boundary_is_never_served_earlier(cache):
     assert cache.get(7, DIGEST, 3).boundary == 2  # older entries are served for advancing
 
 
-def test_entry_computed_with_other_frozen_weights_is_refused(cache):
+def test_weights_changed_after_unfreeze_and_a_new_freeze_miss(cache, caplog):
     cache.put(7, DIGEST, 2, states())
+    assert cache.get(7, DIGEST, 2) is not None
+    unfreeze(cache.model)  # in one process: unfreeze, train the prefix further, freeze again
     with torch.no_grad():
         cache.layout.blocks[1].attention.self.query.weight.add_(1.0)
-    cache._prefix_fingerprints.clear()  # what a new process (or a different checkpoint) would compute
+    freeze_prefix(cache.model, 2)
     assert cache.get(7, DIGEST, 2) is None
+    assert "other frozen weights" in caplog.text
+    assert cache.put(8, DIGEST, 2, states()) and cache.get(8, DIGEST, 2) is not None  # new weights, new entries
+
+
+def test_disk_cache_reused_with_other_weights_replaces_the_fingerprint(tmp_path, caplog):
+    one = states().numel() * 4
+    old = make_cache(tiny_model("bert", "seq", seed=0), directory=tmp_path, max_bytes=int(2.5 * one))
+    assert old.put(1, DIGEST, 2, states()) and old.put(2, DIGEST, 2, states())
+    old.flush()
+    model = tiny_model("bert", "seq", seed=1)  # same architecture, other weights: the model fingerprint matches
+    reused = make_cache(model, directory=tmp_path, max_bytes=int(2.5 * one))
+    assert len(reused) == 2 and reused.get(1, DIGEST, 2) is None
+    # entries computed with the current weights are served; the stale ones are dropped and their bytes reclaimed
+    assert reused.put(3, DIGEST, 2, states(fill=3.0)) and reused.put(4, DIGEST, 2, states(fill=4.0))
+    assert "dropped" in caplog.text
+    assert torch.equal(reused.get(3, DIGEST, 2).states, states(fill=3.0))
+    assert torch.equal(reused.get(4, DIGEST, 2).states, states(fill=4.0))
+    assert reused.get(2, DIGEST, 2) is None and len(reused) == 2 and reused.nbytes <= 2.5 * one
+    reused.flush()
+    reopened = PrefixCache(model, get_layout(model), directory=tmp_path)
+    assert torch.equal(reopened.get(4, DIGEST, 2).states, states(fill=4.0))
+
+
+def test_zero_length_entries_round_trip(cache, tmp_path):
+    empty = torch.zeros(0, 32)
+    assert cache.put(5, DIGEST, 2, empty) and cache.put(6, DIGEST, 2, states())
+    assert cache.get(5, DIGEST, 2).states.shape == (0, 32)
+    assert torch.equal(cache.get(6, DIGEST, 2).states, states())
+
+
+def test_zero_length_entry_alone_in_a_disk_cache(tmp_path):
+    model = tiny_model("bert", "seq")
+    cache = make_cache(model, directory=tmp_path)
+    assert cache.put(5, DIGEST, 2, torch.zeros(0, 32))
+    cache.flush()
+    assert PrefixCache(model, get_layout(model), directory=tmp_path).get(5, DIGEST, 2).states.shape == (0, 32)
+
+
+def test_auto_dtype_stores_in_the_models_dtype():
+    model = tiny_model("bert", "seq").to(torch.bfloat16)
+    cache = make_cache(model)
+    value = torch.randn(5, 32, dtype=torch.bfloat16)
+    cache.put(1, DIGEST, 2, value)
+    assert cache.dtype == torch.bfloat16 and torch.equal(cache.get(1, DIGEST, 2).states, value)
+    assert make_cache(tiny_model("bert", "seq")).dtype == torch.float32
 
 
 def test_byte_budget_is_respected(tmp_path, caplog):

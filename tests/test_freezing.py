@@ -5,8 +5,8 @@ import torch
 from conftest import CASES, NUM_BLOCKS, TRAINABLE_CASES, tiny_batch, tiny_model
 
 from hf_freeze import freeze_prefix, frozen_boundary, frozen_parameters, get_layout, unfreeze
+from hf_freeze.cache.runner import PrefixRunner
 from hf_freeze.optim import optimizer_state_bytes
-from hf_freeze.prefix import PrefixRunner
 from hf_freeze.profiling import count_saved_tensor_bytes
 
 

@@ -153,17 +153,25 @@ def test_auto_mode_stores_only_what_training_will_see_again(tmp_path):
     assert len(trainer.boundary_states.cache) == 0  # a single epoch never revisits an example
 
 
-def test_auto_mode_turns_the_cache_off_when_reading_is_slower(tmp_path, monkeypatch, caplog):
-    from hf_freeze.boundary_states import BoundaryStates
+def test_auto_mode_judges_from_several_batches_and_turns_the_cache_off_when_reading_is_slower(
+        tmp_path, monkeypatch, caplog):
+    from hf_freeze.cache.batch import CacheVerdict
 
-    monkeypatch.setattr(BoundaryStates, "read_cost_per_token", lambda self, *a: 1.0)  # a very slow disk
+    record = CacheVerdict.record
+
+    def slow_reads(self, boundary, *, read=None, compute=None):  # a very slow disk: 1 s per token read
+        return record(self, boundary, read=None if read is None else 1.0, compute=compute)
+
+    monkeypatch.setattr(CacheVerdict, "record", slow_reads)
     config = FreezeConfig(policy="fixed", boundary=2, cache="auto")
     trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path),
                             train_dataset=token_dataset(size=32), data_collator=PadCollator(), freeze_config=config)
     with caplog.at_level(logging.INFO, logger="hf_freeze"):
         trainer.train()
-    assert "cache at boundary 2 off" in caplog.text
-    assert trainer.boundary_states.stats.hits == 0
+    assert "cache at boundary 2 off" in caplog.text and "medians of 3 and 4 batches" in caplog.text
+    # 4 batches of 8 per epoch: epoch 1 computes 4, epoch 2 reads 3 batches, then the verdict turns the cache off
+    assert trainer.boundary_states.stats.hits == 3 * 8
+    assert trainer.boundary_states.stats.misses == 32
 
 
 def test_precompute_cache_fills_every_example(tmp_path):

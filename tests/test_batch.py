@@ -5,16 +5,16 @@ import torch
 from conftest import TRAINABLE_CASES, tiny_batch, tiny_model
 
 from hf_freeze import PrefixCache, freeze_prefix, get_layout
-from hf_freeze.boundary_states import BoundaryStates
-from hf_freeze.keys import example_digests
-from hf_freeze.prefix import PrefixRunner
+from hf_freeze.cache.batch import BatchCache
+from hf_freeze.cache.keys import example_digests
+from hf_freeze.cache.runner import PrefixRunner
 
 RTOL = 1e-5
 
 
 def provider_for(model):
     layout = get_layout(model)
-    return BoundaryStates(PrefixRunner(model, layout), PrefixCache(model, layout), label_names=["labels"])
+    return BatchCache(PrefixRunner(model, layout), PrefixCache(model, layout), label_names=["labels"])
 
 
 def loss_and_grads(model, batch, provider=None, keys=None, boundary=None):

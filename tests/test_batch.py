@@ -1,11 +1,12 @@
-"""The cache changes speed, never results: losses and gradients from cached states equal a full forward."""
+"""BatchCache: per batch, what is read, computed, advanced and stored; the cache changes speed, never results
+(losses and gradients from cached states equal a full forward, also under gradient checkpointing and in bf16)."""
 
 import pytest
 import torch
 from conftest import TRAINABLE_CASES, tiny_batch, tiny_model
 
 from hf_freeze import PrefixCache, freeze_prefix, get_layout
-from hf_freeze.cache.batch import BatchCache
+from hf_freeze.cache.batch import BatchCache, CacheVerdict, TrainingProgress, synchronize, will_see_again
 from hf_freeze.cache.keys import example_digests
 from hf_freeze.cache.runner import PrefixRunner
 
@@ -133,3 +134,86 @@ def test_duplicated_examples_in_one_batch_are_fine():
     assert_close(loss_and_grads(model, batch), loss_and_grads(model, batch, provider, keys, 2))
     assert_close(loss_and_grads(model, batch), loss_and_grads(model, batch, provider, keys, 2))
     assert len(provider.cache) == 3
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
+def test_cached_path_under_gradient_checkpointing_trains_the_active_blocks(family, reentrant):
+    model = tiny_model(family, "seq")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    freeze_prefix(model, 2)
+    model.train()
+    batch = tiny_batch(model, "seq")
+    keys = torch.tensor([0, 1, 2])
+    provider = provider_for(model)
+    provider.states_for(batch, keys, 2)
+    cached = loss_and_grads(model, batch, provider, keys, 2)
+    assert provider.stats.hits == 3
+    active = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(cached[1]) == active and all(g.abs().sum() > 0 for g in cached[1].values())
+    assert_close(loss_and_grads(model, batch), cached)
+
+
+@pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("llama", "causal")])
+def test_bfloat16_model_cached_equals_recomputed_to_bfloat16_tolerance(family, head):
+    model = tiny_model(family, head).to(torch.bfloat16)
+    freeze_prefix(model, 2)
+    model.train()
+    first = tiny_batch(model, head, batch=3, length=9)
+    provider = provider_for(model)
+    keys = torch.tensor([10, 11, 12])
+    provider.states_for(first, keys, 2)
+    assert provider.cache.dtype == torch.bfloat16  # the model's dtype: nothing rounded on the way in
+    second = reorder(first, [2, 0, 1], length=12)
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(model, second), loss_and_grads(
+        model, second, provider, keys[[2, 0, 1]], 2)
+    assert provider.stats.hits == 3
+    assert torch.allclose(loss_a.float(), loss_b.float(), rtol=2e-2, atol=0)
+    flat_a = torch.cat([g.float().flatten() for g in grads_a.values()])
+    flat_b = torch.cat([grads_b[n].float().flatten() for n in grads_a])
+    assert (flat_a - flat_b).norm() / flat_a.norm() <= 2e-2
+
+
+def test_a_batch_with_nothing_to_read_or_store_runs_the_plain_forward():
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    provider = provider_for(model)
+    provider.mode = "auto"
+    batch, keys = tiny_batch(model, "seq"), torch.tensor([0, 1, 2])
+    last_epoch = TrainingProgress(step=9, max_steps=12, steps_per_epoch=4)
+    assert provider.states_for(batch, keys, 2, training=True, progress=last_epoch) is None
+    assert provider.stats.misses == 0 and len(provider.cache) == 0
+    early = TrainingProgress(step=1, max_steps=12, steps_per_epoch=4)
+    assert provider.states_for(batch, keys, 2, training=True, progress=early) is not None
+    assert len(provider.cache) == 3
+    assert provider.states_for(batch, keys, 2, training=True, progress=last_epoch) is not None  # hits are read
+    assert provider.stats.hits == 3
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, True), (7, True), (8, False), (11, False)])
+def test_store_rule_counts_epochs_in_optimizer_steps(step, expected):
+    # max_steps 12 with 4 steps per epoch: the batch of step s + 1 comes back at step s + 5
+    assert will_see_again(TrainingProgress(step=step, max_steps=12, steps_per_epoch=4)) is expected
+    assert will_see_again(TrainingProgress(step=step, max_steps=12, steps_per_epoch=None))
+
+
+def test_auto_verdict_waits_for_three_batches_of_each_and_compares_medians():
+    verdict = CacheVerdict()
+    for cost in (5.0, 0.1, 0.1):  # one slow outlier read (a cold page cache) does not decide
+        assert verdict.record(2, read=cost) is None
+    assert verdict.record(2, compute=1.0) is None and verdict.record(2, compute=1.0) is None
+    assert verdict.allows(2)
+    assert verdict.record(2, compute=0.2) is True and verdict.allows(2)
+    slow = CacheVerdict()
+    for _ in range(3):
+        slow.record(3, read=2.0, compute=1.0)
+    assert not slow.allows(3) and slow.allows(2)
+
+
+def test_timings_synchronise_an_accelerator_but_not_the_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: calls.append(device))
+    synchronize(torch.device("cpu"))
+    assert calls == []
+    synchronize(torch.device("cuda", 1))
+    assert calls == [torch.device("cuda", 1)]

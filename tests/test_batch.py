@@ -217,3 +217,22 @@ def test_timings_synchronise_an_accelerator_but_not_the_cpu(monkeypatch):
     assert calls == []
     synchronize(torch.device("cuda", 1))
     assert calls == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_left_padded_causal_lm_keeps_the_padding_states_it_predicts_from(family):
+    # The last left-padding position predicts the first real token, so its state counts in the loss.
+    model = tiny_model(family, "causal")
+    freeze_prefix(model, 2)
+    model.train()
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    provider = provider_for(model)
+    keys = torch.tensor([0, 1, 2])
+    provider.states_for(batch, keys, 2)
+    reordered = {k: v[[2, 0, 1]] for k, v in batch.items()}
+    assert_close(loss_and_grads(model, reordered), loss_and_grads(model, reordered, provider, keys[[2, 0, 1]], 2))
+    assert provider.stats.hits == 3

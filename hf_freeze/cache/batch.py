@@ -4,8 +4,9 @@ For each example of a batch (digested once):
 - a cache entry at the current boundary `k` is a *hit*, read and re-padded;
 - an entry at an older boundary `b < k` is *advanced*: only blocks `[b, k)` run, from the cached states;
 - otherwise it is a *miss*: the frozen prefix runs for those examples only.
-States are stored unpadded and re-padded into the batch's own padding (zeros at padded positions, which the
-model's attention mask keeps out of every real position).
+States are stored without their trailing padding (what the input digest leaves out too) and re-padded into the
+batch's own length (zeros at trailing padded positions, which no real position reads). Leading (left) padding is
+part of an example's identity, so its states are kept.
 
 What is stored: everything in `"on"` mode and in evaluation; in `"auto"` mode a training example only when the run
 will see it again (`will_see_again`). When a batch has nothing to read and nothing to store, the cache stays out
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from ..layout import execution_device
-from .keys import example_digests
+from .keys import example_digests, last_real_positions
 from .runner import PrefixRunner
 from .store import PrefixCache
 
@@ -304,10 +305,17 @@ def _now(device: torch.device) -> float:
 
 
 def _real_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """`[batch, seq]` booleans: True at real (non-padding) tokens."""
+    """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token.
+
+    Trailing padding is dropped (no real token reads it). Leading padding is kept: it is part of the example's
+    digest, and a left-padded causal LM predicts its first real token from the last padding position, so those
+    states must be the ones the prefix computed, not zeros.
+    """
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask.detach().cpu().bool()
+        mask = mask.detach().cpu()
+        ends = torch.tensor(last_real_positions(mask))
+        return torch.arange(mask.shape[1]).unsqueeze(0) < ends.unsqueeze(1)
     reference = inputs.get("input_ids", inputs.get("inputs_embeds"))
     if not isinstance(reference, torch.Tensor):
         raise ValueError("The prefix cache needs `input_ids` or `inputs_embeds` (and optionally attention_mask).")

@@ -45,7 +45,8 @@ def test_stop_at_and_resume_from_a_boundary_match_the_full_forward(family, head,
     handle.remove()
 
     ran = []
-    handles = [layout.blocks[i].register_forward_pre_hook(lambda *a, i=i: ran.append(i)) for i in range(4)]
+    for i in range(4):
+        layout.blocks[i].register_forward_pre_hook(lambda *a, i=i: ran.append(i))
     states = runner.boundary_states(inputs, 2)
     assert ran == [0, 1]  # stopped after block 1: blocks 2, 3 and the head never ran
     assert torch.allclose(states, seen["out"], rtol=0, atol=1e-6)

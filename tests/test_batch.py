@@ -236,3 +236,20 @@ def test_left_padded_causal_lm_keeps_the_padding_states_it_predicts_from(family)
     reordered = {k: v[[2, 0, 1]] for k, v in batch.items()}
     assert_close(loss_and_grads(model, reordered), loss_and_grads(model, reordered, provider, keys[[2, 0, 1]], 2))
     assert provider.stats.hits == 3
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_an_example_with_no_real_token_is_stored_and_read_back(tmp_path, directory):
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    layout = get_layout(model)
+    cache = PrefixCache(model, layout, directory=tmp_path if directory else None)
+    provider = BatchCache(PrefixRunner(model, layout), cache, label_names=["labels"])
+    batch = tiny_batch(model, "seq")
+    batch["attention_mask"][2] = 0  # an empty example: a zero-length entry
+    keys = torch.tensor([0, 1, 2])
+    first = provider.states_for(batch, keys, 2)
+    second = provider.states_for(batch, keys, 2)
+    assert provider.stats.hits == 3 and torch.equal(first, second)
+    (digest,) = example_digests({k: v[2:] for k, v in batch.items() if k != "labels"}, ())
+    assert cache.get(2, digest, 2).states.shape == (0, 32)

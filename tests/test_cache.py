@@ -239,3 +239,19 @@ def test_flush_writes_metadata_atomically(tmp_path, monkeypatch):
         cache.flush()
     assert (tmp_path / INDEX_NAME).read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_each_frozen_unit_is_hashed_once_across_boundaries(monkeypatch):
+    from hf_freeze import fingerprint
+
+    hashed = []
+    original = fingerprint.unit_digest
+    monkeypatch.setattr(fingerprint, "unit_digest", lambda layout, unit: hashed.append(unit) or original(layout, unit))
+    cache = make_cache()  # frozen at boundary 2
+    for key in range(3):
+        cache.put(key, DIGEST, 2, states())
+        assert cache.get(key, DIGEST, 2) is not None
+    freeze_prefix(cache.model, 3)
+    cache.put(9, DIGEST, 3, states())
+    assert cache.get(9, DIGEST, 3) is not None and cache.get(0, DIGEST, 3).boundary == 2
+    assert sorted(hashed) == [0, 1, 2, 3]  # chained: boundary 3 reuses the digests of units 0..2

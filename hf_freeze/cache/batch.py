@@ -216,7 +216,7 @@ class BatchCache:
         store = self.should_store(training, progress)
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
         digests = example_digests(model_inputs, exclude=())
-        real = _real_positions(model_inputs)
+        kept = _kept_positions(model_inputs)
         device = execution_device(self.runner.layout.blocks[boundary - 1])
 
         read_started = _now(device)
@@ -238,7 +238,7 @@ class BatchCache:
             else:
                 to_advance[entry.boundary].append(i)
         if not missing and not to_advance:
-            padded = _pad(per_example, real, self._dtype(boundary), device)
+            padded = _pad(per_example, kept, self._dtype(boundary), device)
             read_seconds = _now(device) - read_started
             self._record(boundary, read=read_seconds / max(hit_tokens, 1))
             self.stats.read_seconds += read_seconds
@@ -247,21 +247,21 @@ class BatchCache:
         self.stats.hit_tokens += hit_tokens
 
         for start_boundary, rows in sorted(to_advance.items()):
-            start = _pad([per_example[i] for i in rows], real[rows], self._dtype(boundary), device)
+            start = _pad([per_example[i] for i in rows], kept[rows], self._dtype(boundary), device)
             states = self.runner.boundary_states(_rows(model_inputs, rows), boundary, start=(start_boundary, start))
-            self._keep(per_example, rows, states, real, keys, digests, boundary, store)
+            self._keep(per_example, rows, states, kept, keys, digests, boundary, store)
             self.stats.advanced += len(rows)
         if missing:
             started = _now(device)
             states = self.runner.boundary_states(_rows(model_inputs, missing), boundary)
             elapsed = _now(device) - started
-            tokens = int(real[missing].sum())
+            tokens = int(kept[missing].sum())
             self.stats.compute_seconds += elapsed
             self.stats.computed_tokens += tokens
             self._record(boundary, compute=elapsed / max(tokens, 1))
-            self._keep(per_example, missing, states, real, keys, digests, boundary, store)
+            self._keep(per_example, missing, states, kept, keys, digests, boundary, store)
             self.stats.misses += len(missing)
-        return _pad(per_example, real, self._dtype(boundary), device)
+        return _pad(per_example, kept, self._dtype(boundary), device)
 
     def _record(self, boundary: int, *, read: float | None = None, compute: float | None = None) -> None:
         if compute is not None:
@@ -271,11 +271,11 @@ class BatchCache:
         if self.mode == "auto":
             self.verdict.record(boundary, read=read, compute=compute)
 
-    def _keep(self, per_example, rows, states, real, keys, digests, boundary, store) -> None:
+    def _keep(self, per_example, rows, states, kept, keys, digests, boundary, store) -> None:
         self.state_dtype = states.dtype
         states = states.detach()
         for row, i in enumerate(rows):
-            per_example[i] = states[row][real[i].to(states.device)]
+            per_example[i] = states[row][kept[i].to(states.device)]
             if store:
                 stored = self.cache.put(int(keys[i]), digests[i], boundary, per_example[i])
                 self.stats.stored += stored
@@ -304,7 +304,7 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _real_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
+def _kept_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
     """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token.
 
     Trailing padding is dropped (no real token reads it). Leading padding is kept: it is part of the example's
@@ -324,7 +324,7 @@ def _real_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
 
 def _rows(inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
     """The sub-batch of examples `rows` (tensors whose first dimension is the batch are indexed)."""
-    batch = _real_positions(inputs).shape[0]
+    batch = _kept_positions(inputs).shape[0]
     if rows == list(range(batch)):
         return dict(inputs)
     index = torch.tensor(rows)
@@ -337,10 +337,10 @@ def _rows(inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
 
 
 def _pad(
-    per_example: list[torch.Tensor | None], real: torch.Tensor, dtype: torch.dtype, device: torch.device
+    per_example: list[torch.Tensor | None], kept: torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Scatter unpadded `[tokens_i, hidden]` states into a zero `[batch, seq, hidden]` tensor at the real positions."""
+    """Scatter `[tokens_i, hidden]` states into a zero `[batch, seq, hidden]` tensor at the kept positions."""
     hidden = next(s for s in per_example if s is not None).shape[-1]
-    out = torch.zeros(*real.shape, hidden, dtype=dtype, device=device)
-    out[real.to(device)] = torch.cat([s.to(device, dtype) for s in per_example])  # type: ignore[union-attr]
+    out = torch.zeros(*kept.shape, hidden, dtype=dtype, device=device)
+    out[kept.to(device)] = torch.cat([s.to(device, dtype) for s in per_example])  # type: ignore[union-attr]
     return out

@@ -154,16 +154,17 @@ def test_cached_path_under_gradient_checkpointing_trains_the_active_blocks(famil
     assert_close(loss_and_grads(model, batch), cached)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("llama", "causal")])
-def test_bfloat16_model_cached_equals_recomputed_to_bfloat16_tolerance(family, head):
-    model = tiny_model(family, head).to(torch.bfloat16)
+def test_half_precision_model_cached_equals_recomputed_to_its_tolerance(family, head, dtype):
+    model = tiny_model(family, head).to(dtype)
     freeze_prefix(model, 2)
     model.train()
     first = tiny_batch(model, head, batch=3, length=9)
     provider = provider_for(model)
     keys = torch.tensor([10, 11, 12])
     provider.states_for(first, keys, 2)
-    assert provider.cache.dtype == torch.bfloat16  # the model's dtype: nothing rounded on the way in
+    assert provider.cache.dtype == dtype  # the model's dtype: nothing rounded on the way in
     second = reorder(first, [2, 0, 1], length=12)
     (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(model, second), loss_and_grads(
         model, second, provider, keys[[2, 0, 1]], 2)

@@ -108,3 +108,17 @@ def test_integer_devices_from_accelerate_hooks_name_the_current_accelerator(monk
     assert execution_device(block) == torch.device("xpu", 1)
     block._hf_hook = types.SimpleNamespace(execution_device="cpu")
     assert execution_device(block) == torch.device("cpu")
+
+
+def test_a_model_the_tiny_probe_cannot_run_is_checked_on_its_first_real_batch(monkeypatch):
+    import hf_freeze.cache.runner as runner_module
+
+    model = tiny_model("llama", "causal")
+    runner = PrefixRunner(model, get_layout(model))
+    # a probe the model cannot run (here: a token id outside its vocabulary)
+    monkeypatch.setattr(runner_module, "_dummy_inputs", lambda model: {"input_ids": torch.tensor([[1000]])})
+    with pytest.raises(IndexError):
+        runner.check_block_outputs()
+    assert runner.check_block_outputs(strict=False) is None
+    runner.boundary_states(padded_batch(model, "right"), 2)  # a real batch teaches the format
+    assert runner.check_block_outputs() is None  # llama blocks return a tensor

@@ -128,10 +128,14 @@ class PrefixRunner:
             for i, block in enumerate(originals):
                 blocks[i] = block
 
-    def check_block_outputs(self) -> int | None:
+    def check_block_outputs(self, strict: bool = True) -> int | None:
         """Learn the blocks' output format from one tiny forward (in eval mode, so no random numbers are drawn)
         unless a block output was already seen. Returns `None` when blocks return a tensor, else the length of the
         tuple they return.
+
+        Args:
+            strict: when False, a tiny forward that fails for another reason (a model that needs more than
+                `input_ids`) is not an error; the format is then learnt from the first real batch.
 
         Raises:
             `UnsupportedModelError`: a block passes more than hidden states to the next one.
@@ -145,6 +149,12 @@ class PrefixRunner:
                 self.model.eval()
                 try:
                     self.boundary_states(inputs, 1)
+                except UnsupportedModelError:
+                    raise
+                except Exception:
+                    if strict:
+                        raise
+                    return None
                 finally:
                     for module, training in modes.items():
                         module.training = training

@@ -314,3 +314,26 @@ def test_cache_is_refused_up_front_for_blocks_that_pass_more_than_hidden_states(
         else:
             trainer.train()  # freezing alone works
             assert trainer.state.global_step == 2 and frozen_boundary(trainer.model) == 1
+
+
+def test_a_disk_cache_reused_with_other_weights_serves_the_new_ones(tmp_path):
+    data = token_dataset(size=40)
+    directory = str(tmp_path / "cache")
+    one_run = sum(len(ids) for ids in data["input_ids"]) * 32 * 4  # float32 states of width 32
+    # room for one run's states and a half: the new entries fit only if the stale ones' bytes are reclaimed
+    config = FreezeConfig(policy="fixed", boundary=2, cache="on", cache_dir=directory,
+                          cache_max_bytes=int(1.5 * one_run))
+    runs = []
+    for seed in (0, 1):  # same architecture, other weights: the second run reuses the first run's folder
+        trainer = FreezeTrainer(model=tiny_model("bert", "seq", seed=seed), args=training_args(tmp_path / str(seed)),
+                                train_dataset=data, data_collator=PadCollator(), freeze_config=config)
+        trainer.train()
+        runs.append(trainer)
+    stats = runs[1].boundary_states.stats
+    assert (stats.misses, stats.hits) == (40, 80)  # the old entries missed once, the new ones hit
+    assert runs[0].boundary_states.cache.nbytes == one_run and runs[1].boundary_states.cache.nbytes <= 1.5 * one_run
+    plain = Trainer(model=tiny_model("bert", "seq", seed=1), args=training_args(tmp_path / "plain"),
+                    train_dataset=data, data_collator=PadCollator(),
+                    callbacks=[FreezeCallback(FreezeConfig(policy="fixed", boundary=2))])
+    plain.train()
+    assert_same_weights(runs[1].model, plain.model)

@@ -197,6 +197,8 @@ class FreezeTrainer(Trainer):
         boundary = frozen_boundary(self.model)
         if boundary is None or boundary < 1:
             raise ValueError("Nothing to cache: freeze at least one block first (boundary >= 1).")
+        if self.freeze_config.cache == "off":
+            raise ValueError("The prefix cache is off (`FreezeConfig(cache='off')`): set cache='on' or 'auto' first.")
         dataset = self.train_dataset if dataset is None else dataset
         namespace = split or self._split_of(dataset)
         if namespace not in ("train", "eval", "test") and not namespace.startswith("eval/"):
@@ -206,8 +208,7 @@ class FreezeTrainer(Trainer):
         for batch in tqdm(loader, desc=f"hf_freeze: caching boundary {boundary}"):
             keys = batch.pop(INDEX_COLUMN, None)
             if keys is not None:
-                # stored like evaluation batches: every example, whatever the "auto" rules say about training
-                batches.states_for(self._prepare_inputs(batch), keys, boundary, training=False)
+                batches.fill(self._prepare_inputs(batch), keys, boundary)
         batches.cache.flush()
         return len(batches.cache)
 

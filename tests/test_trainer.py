@@ -253,8 +253,11 @@ def test_precompute_cache_keys_each_split_where_it_is_read(tmp_path):
     trainer = FreezeTrainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=train,
                             eval_dataset={"dev": named}, data_collator=PadCollator(),
                             freeze_config=FreezeConfig(policy="fixed", boundary=3, cache="on"))
-    assert trainer.precompute_cache() == 24
-    assert trainer.precompute_cache(named) == 40  # found as the evaluation set "dev"
+    assert trainer.precompute_cache(named) == 16  # found as the evaluation set "dev"
+    trainer.boundary_states.cache_eval = False  # precomputing stores whatever cache_eval says of evaluation batches
+    assert trainer.precompute_cache(train) == 40
+    trainer.boundary_states.cache_eval = True
+    assert trainer.precompute_cache() == 40  # the training set by default: already cached, nothing new
     with pytest.raises(ValueError, match="split="):
         trainer.precompute_cache(test)
     assert trainer.precompute_cache(test, split="test") == 48

@@ -213,7 +213,18 @@ class BatchCache:
         """
         if not self.wanted(boundary, training):
             return None
-        store = self.should_store(training, progress)
+        return self._states(inputs, keys, boundary, store=self.should_store(training, progress))
+
+    def fill(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int) -> None:
+        """Compute (or advance) and store the states of every example of the batch at `boundary`, whatever the
+        mode's rules for training or evaluation batches say (`FreezeTrainer.precompute_cache`)."""
+        if not 1 <= boundary <= self.runner.layout.num_blocks:
+            raise ValueError(f"Filling the cache needs 1 <= boundary <= {self.runner.layout.num_blocks}, got "
+                             f"{boundary}.")
+        self._states(inputs, keys, boundary, store=True)
+
+    def _states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
+                ) -> torch.Tensor | None:
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
         digests = example_digests(model_inputs, exclude=())
         kept = _kept_positions(model_inputs)

@@ -27,9 +27,9 @@ from transformers import (
 )
 
 from hf_freeze import PrefixCache, assets, find_layout, freeze_prefix, get_layout
-from hf_freeze.boundary_states import BoundaryStates
+from hf_freeze.cache.batch import BatchCache
+from hf_freeze.cache.runner import PrefixRunner
 from hf_freeze.data import causal_lm_data, classification_data
-from hf_freeze.prefix import PrefixRunner
 
 
 def main() -> None:
@@ -97,16 +97,16 @@ def make_batches(data, tokenizer, task: str, batch_size: int, count: int) -> lis
     return batches
 
 
-def warm_cache(model, batches: list[dict], boundary: int) -> BoundaryStates:
+def warm_cache(model, batches: list[dict], boundary: int) -> BatchCache:
     layout = get_layout(model)
-    provider = BoundaryStates(PrefixRunner(model, layout), PrefixCache(model, layout), label_names=["labels"])
+    provider = BatchCache(PrefixRunner(model, layout), PrefixCache(model, layout), label_names=["labels"])
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "keys"}
         provider.states_for(inputs, batch["keys"], boundary)
     return provider
 
 
-def time_step(model, batches: list[dict], repeats: int, states: BoundaryStates | None = None,
+def time_step(model, batches: list[dict], repeats: int, states: BatchCache | None = None,
               boundary: int | None = None) -> float:
     model.train()
     # the optimizer Trainer uses by default (adamw_torch_fused)

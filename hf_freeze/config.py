@@ -14,7 +14,7 @@ POLICY_NAMES = ("gradnorm", "schedule", "fixed")
 SCHEDULE_KINDS = ("geometric", "linear")
 TIED_WEIGHTS_MODES = ("untie", "freeze")
 CACHE_MODES = ("auto", "on", "off")
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STALE_CACHE_MODES = ("rebuild", "error")
 
 
@@ -123,10 +123,11 @@ class FreezeConfig:
         default=4 * 2**30, metadata={"help": "Byte budget of the cache; examples that do not fit are recomputed."}
     )
     cache_dtype: str = field(
-        default="float32",
+        default="auto",
         metadata={
-            "help": f"Storage precision of cached states, one of {CACHE_DTYPES}. float32 is exact; the 16-bit "
-            "types halve the bytes and round the states.",
+            "help": f"Storage precision of cached states, one of {CACHE_DTYPES}. 'auto' stores in the model's own "
+            "dtype, which never rounds its states (also under bf16/fp16 autocast, whose block outputs are rounded "
+            "already); float16/bfloat16 halve the bytes of a float32 model and round its states.",
             "choices": CACHE_DTYPES,
         },
     )

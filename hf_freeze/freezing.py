@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .fingerprint import forget_digests
 from .layout import BlockLayout, find_layout
 from .optim import release_parameters
 
@@ -158,6 +159,7 @@ def unfreeze(model: nn.Module) -> None:
     for module in state.layout.prefix_modules(state.boundary):
         module.train(model.training)
     state.handles, state.boundary_handle, state.boundary = [], None, None
+    forget_digests(model)  # the prefix may change now: remembered fingerprints of its units no longer hold
 
 
 def frozen_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -222,7 +224,7 @@ def _move_boundary_hook(model: nn.Module, state: FreezeState, boundary: int) -> 
         return  # boundary 0: transformers' own enable_input_require_grads hook covers it; L: nothing active
 
     def hook(module: nn.Module, args: tuple, output: object) -> object:
-        if not (torch.is_grad_enabled() and _uses_activation_checkpointing(model)):
+        if not (torch.is_grad_enabled() and uses_activation_checkpointing(model)):
             return None
         if isinstance(output, torch.Tensor):
             return output.detach().requires_grad_(True)
@@ -233,7 +235,8 @@ def _move_boundary_hook(model: nn.Module, state: FreezeState, boundary: int) -> 
     state.boundary_handle = state.layout.blocks[boundary - 1].register_forward_hook(hook)
 
 
-def _uses_activation_checkpointing(model: nn.Module) -> bool:
+def uses_activation_checkpointing(model: nn.Module) -> bool:
+    """True when `model` runs its blocks under gradient (activation) checkpointing."""
     if hasattr(model, "is_activation_checkpointing"):
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))

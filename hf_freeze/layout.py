@@ -106,11 +106,23 @@ def execution_device(module: nn.Module) -> torch.device:
     hook = getattr(module, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        return torch.device(device) if not isinstance(device, int) else accelerator_device(device)
     for tensor in (*module.parameters(), *module.buffers()):
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
+
+
+def accelerator_device(index: int) -> torch.device:
+    """The device an integer index means (Accelerate's device maps use plain integers for accelerators): device
+    `index` of the current accelerator type (cuda, xpu, mps, npu, ...), as `torch.accelerator` reports it."""
+    accelerator = getattr(torch, "accelerator", None)
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    if current is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", index)
+        raise ValueError(f"Device index {index} names an accelerator, but torch sees none on this machine.")
+    return torch.device(current.type, index)
 
 
 def _find_blocks_path(model: nn.Module) -> str:

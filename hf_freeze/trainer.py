@@ -3,8 +3,9 @@ cache of boundary hidden states.
 
 What it adds to `Trainer`, and nothing else:
 - every dataset gets an example-key column (`keys.py`), lifted out of the batch before the model sees it;
-- `compute_loss` and `prediction_step` run the model from the boundary when it pays (`boundary_states.py`,
-  `prefix.py`), inside the model's own forward, so DDP, Accelerate hooks and the model's loss still apply;
+- `compute_loss` and `prediction_step` ask `cache.batch.BatchCache` for the batch's boundary states and, when it
+  gives some, run the model from the boundary (`cache.runner`), inside the model's own forward, so DDP,
+  Accelerate hooks and the model's loss still apply;
 - `log` merges `freeze/*` and `cache/*` metrics into the Trainer's logs, so every reporting integration sees them.
 """
 
@@ -24,10 +25,12 @@ from huggingface_hub.errors import HfHubHTTPError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, has_length
 
-from .boundary_states import BoundaryStates
-from .cache import PrefixCache
+from .cache.batch import BatchCache, TrainingProgress
+from .cache.keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
+from .cache.runner import PrefixRunner
+from .cache.store import PrefixCache
 from .callback import FreezeCallback
 from .checkpoint import FreezeMetadata, full_metadata, state_dict_for_save, write_metadata
 from .config import FreezeConfig
@@ -41,8 +44,6 @@ from .hub import (
     push_error,
     write_model_card,
 )
-from .keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
-from .prefix import PrefixRunner
 from .report import plot_boundary_timeline
 
 logger = logging.getLogger(__name__)
@@ -73,26 +74,44 @@ class FreezeTrainer(Trainer):
                 "Trainer with the callback)."
             )
         self.freeze_config = freeze_config or FreezeConfig()
-        self.freeze_callback = FreezeCallback(self.freeze_config)
-        self.add_callback(self.freeze_callback)
+        self.add_callback(FreezeCallback(self.freeze_config))
         self.add_callback(_CacheMaintenance(self))
         self.data_collator = ExampleIndexCollator(self.data_collator)
-        self.boundary_states: BoundaryStates | None = None
-        self._cache_verdicts: dict[int, bool] = {}
+        self.boundary_states: BatchCache | None = None  # created with the first cached batch
+        self._prefix_runner: PrefixRunner | None = None
+        self._steps_per_epoch: int | None = None
+        self._resume_checkpoint: str | None = None
+
+    @property
+    def freeze_callback(self) -> FreezeCallback:
+        """The live `FreezeCallback` (`restore_callback_states_from_checkpoint=True` replaces the instance)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, FreezeCallback):
+                return callback
+        raise RuntimeError("FreezeTrainer lost its FreezeCallback: do not remove it from the callbacks.")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """`Trainer.train`; also tells the freeze callback which checkpoint it resumes from."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
-        self.freeze_callback.resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        self._resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        self.freeze_callback.resume_checkpoint = self._resume_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_callback_state(self) -> None:
+        super()._load_callback_state()
+        self.freeze_callback.resume_checkpoint = self._resume_checkpoint  # a restored instance starts without it
 
     # ---- data: example keys ----
 
     def get_train_dataloader(self) -> DataLoader:
         with _swapped(self, "train_dataset", add_example_index(self.train_dataset, "train")):
-            return super().get_train_dataloader()
+            loader = super().get_train_dataloader()
+        # Optimizer steps per epoch, as Trainer counts them (the cache's store rule needs it).
+        if has_length(loader):
+            self._steps_per_epoch = max(math.ceil(len(loader) / self.args.gradient_accumulation_steps), 1)
+        return loader
 
     def get_eval_dataloader(self, eval_dataset: str | Any | None = None) -> DataLoader:
         name = f"eval/{eval_dataset}" if isinstance(eval_dataset, str) else "eval"
@@ -129,84 +148,96 @@ class FreezeTrainer(Trainer):
     @contextlib.contextmanager
     def _from_boundary(self, inputs: dict[str, Any], keys: torch.Tensor | None, training: bool) -> Iterator[None]:
         boundary = frozen_boundary(self.model)
-        if keys is None or not self._cache_wanted(boundary, training):
+        if keys is None or self.freeze_config.cache == "off" or boundary is None or boundary < 1:
             yield
             return
-        provider = self._get_boundary_states()
-        states = provider.states_for(inputs, keys, boundary, store=self._should_store(training))
-        if boundary not in self._cache_verdicts:
-            self._judge_cache(provider, inputs, keys, boundary)
-        with provider.runner.inject_states(states, boundary):
+        batches = self._get_boundary_states()
+        progress = TrainingProgress(self.state.global_step, self.state.max_steps, self._steps_per_epoch)
+        states = batches.states_for(inputs, keys, boundary, training=training, progress=progress)
+        if states is None:
+            yield
+            return
+        with batches.runner.inject_states(states, boundary):
             yield
 
-    def _cache_wanted(self, boundary: int | None, training: bool) -> bool:
-        if boundary is None or boundary < 1 or self.freeze_config.cache == "off":
-            return False
-        if not training and not self.freeze_config.cache_eval:
-            return False
-        return self._cache_verdicts.get(boundary, True)
+    def _get_runner(self) -> PrefixRunner:
+        if self._prefix_runner is None:
+            self._prefix_runner = PrefixRunner(self.model, get_layout(self.model, self.freeze_config.blocks_path))
+        return self._prefix_runner
 
-    def _should_store(self, training: bool) -> bool:
-        """In `auto`, store a training example only if training will see it again."""
-        if self.freeze_config.cache == "on" or not training:
-            return True
-        epochs = max(self.args.num_train_epochs, 1)
-        steps_per_epoch = math.ceil(self.state.max_steps / math.ceil(epochs))
-        # the batch in flight is step global_step + 1; it comes back one epoch later
-        return self.state.global_step + 1 + steps_per_epoch <= self.state.max_steps
-
-    def _judge_cache(self, provider: BoundaryStates, inputs: dict[str, Any], keys: torch.Tensor, boundary: int) -> None:
-        """`cache="auto"`: keep the cache at this boundary only if reading a state is measured to be cheaper than
-        recomputing it with the frozen prefix."""
-        compute = provider.stats.seconds_per_token.get(boundary)
-        read = provider.read_cost_per_token(keys, inputs, boundary)
-        if compute is None or read is None:
-            return  # nothing computed or stored yet at this boundary: judge on a later batch
-        pays = self.freeze_config.cache == "on" or read < compute
-        self._cache_verdicts[boundary] = pays
-        logger.info(
-            "hf_freeze: cache at boundary %d %s: reading costs %.3g us/token, the frozen prefix %.3g us/token.",
-            boundary, "on" if pays else "off", read * 1e6, compute * 1e6,
-        )
-
-    def _get_boundary_states(self) -> BoundaryStates:
+    def _get_boundary_states(self) -> BatchCache:
         if self.boundary_states is None:
-            layout = get_layout(self.model, self.freeze_config.blocks_path)
+            runner = self._get_runner()
             directory = self.freeze_config.cache_dir
             if directory is not None and self.args.world_size > 1:
                 directory = os.path.join(directory, f"rank{self.args.process_index}")
             cache = PrefixCache(
                 self.model,
-                layout,
+                runner.layout,
                 directory=directory,
                 max_bytes=self.freeze_config.cache_max_bytes,
                 dtype=self.freeze_config.cache_dtype,
                 on_stale=self.freeze_config.on_stale_cache,
             )
-            self.boundary_states = BoundaryStates(PrefixRunner(self.model, layout), cache, self.label_names or ())
+            self.boundary_states = BatchCache(runner, cache, self.label_names or (), mode=self.freeze_config.cache,
+                                              cache_eval=self.freeze_config.cache_eval)
         return self.boundary_states
 
     # ---- explicit cache building ----
 
     @torch.no_grad()
-    def precompute_cache(self, dataset: Any | None = None) -> int:
-        """Fill the cache for `dataset` (default: the training set) at the current boundary, with a progress bar.
+    def precompute_cache(self, dataset: Any | None = None, split: str | None = None) -> int:
+        """Fill the cache for `dataset` at the current boundary, with a progress bar.
 
-        Useful after a fixed freeze, or before serving. Returns the number of examples now cached.
+        Useful after a fixed freeze, or before serving. Entries are keyed in the namespace the dataset will be read
+        under, so that later training, evaluation or prediction batches hit them.
+
+        Args:
+            dataset (*optional*): default the training set.
+            split (`str`, *optional*): the namespace: `"train"`, `"eval"`, `"eval/<name>"` (a named evaluation set)
+                or `"test"` (`predict`). Default: found from `dataset` when it is this trainer's training set or one
+                of its evaluation sets; any other dataset needs it.
+
+        Returns:
+            The number of examples now cached.
+
+        Example:
+            ```python
+            trainer.precompute_cache()                               # the training set
+            trainer.precompute_cache(test_set, split="test")         # then trainer.predict(test_set) hits
+            ```
         """
         boundary = frozen_boundary(self.model)
         if boundary is None or boundary < 1:
             raise ValueError("Nothing to cache: freeze at least one block first (boundary >= 1).")
-        namespace = "train" if dataset is None else "eval"
-        dataset = add_example_index(self.train_dataset if dataset is None else dataset, namespace)
-        loader = super().get_eval_dataloader(dataset)
-        provider = self._get_boundary_states()
+        if self.freeze_config.cache == "off":
+            raise ValueError("The prefix cache is off (`FreezeConfig(cache='off')`): set cache='on' or 'auto' first.")
+        dataset = self.train_dataset if dataset is None else dataset
+        namespace = split or self._split_of(dataset)
+        if namespace not in ("train", "eval", "test") and not namespace.startswith("eval/"):
+            raise ValueError(f"`split` must be 'train', 'eval', 'eval/<name>' or 'test', got {namespace!r}.")
+        loader = super().get_eval_dataloader(add_example_index(dataset, namespace))
+        batches = self._get_boundary_states()
         for batch in tqdm(loader, desc=f"hf_freeze: caching boundary {boundary}"):
             keys = batch.pop(INDEX_COLUMN, None)
             if keys is not None:
-                provider.states_for(self._prepare_inputs(batch), keys, boundary, store=True)
-        provider.cache.flush()
-        return len(provider.cache)
+                batches.fill(self._prepare_inputs(batch), keys, boundary)
+        batches.cache.flush()
+        return len(batches.cache)
+
+    def _split_of(self, dataset: Any) -> str:
+        if dataset is self.train_dataset:
+            return "train"
+        if dataset is self.eval_dataset:
+            return "eval"
+        if isinstance(self.eval_dataset, dict):
+            for name, candidate in self.eval_dataset.items():
+                if dataset is candidate:
+                    return f"eval/{name}"
+        raise ValueError(
+            "precompute_cache cannot tell under which split this dataset will be read: pass `split='train'`, "
+            "'eval', 'eval/<name>' (a named evaluation set) or 'test' (for `predict`)."
+        )
 
     # ---- saving, model card, push ----
 
@@ -290,6 +321,11 @@ class _CacheMaintenance(TrainerCallback):
 
     def __init__(self, trainer: FreezeTrainer) -> None:
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.freeze_config.cache != "off":
+            # refuse, before the first step, a model whose blocks pass more than hidden states
+            self.trainer._get_runner().check_block_outputs(strict=False)
 
     def on_save(self, args, state, control, **kwargs):
         if self.trainer.boundary_states is not None:

@@ -35,12 +35,12 @@ from transformers import (
 from . import assets
 from .atomic import write_text_atomic
 from .callback import FreezeCallback
+from .checkpoint import full_metadata, write_metadata
 from .config import FreezeConfig
 from .data import causal_lm_data, classification_data
 from .freezing import frozen_boundary, get_layout
-from .metrics import load_metric
-from .checkpoint import full_metadata, write_metadata
 from .hub import PLOT_NAME, build_model_card, describe_policy, evaluation_metrics, write_model_card
+from .metrics import load_metric
 from .report import StepTimerCallback, format_phases, format_timeline, phases, plot_timeline
 from .trainer import FreezeTrainer
 

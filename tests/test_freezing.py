@@ -5,8 +5,8 @@ import torch
 from conftest import CASES, NUM_BLOCKS, TRAINABLE_CASES, tiny_batch, tiny_model
 
 from hf_freeze import freeze_prefix, frozen_boundary, frozen_parameters, get_layout, unfreeze
+from hf_freeze.cache.runner import PrefixRunner
 from hf_freeze.optim import optimizer_state_bytes
-from hf_freeze.prefix import PrefixRunner
 from hf_freeze.profiling import count_saved_tensor_bytes
 
 
@@ -171,17 +171,30 @@ def test_forced_input_gradients_do_not_keep_the_frozen_graph_alive(family):
     assert saved[True] == saved[False]
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "qwen2"])
-def test_gradient_checkpointing_still_trains_the_active_blocks(family):
-    model = tiny_model(family, "seq")
-    model.gradient_checkpointing_enable()  # reentrant by default: needs an input that requires grad
-    freeze_prefix(model, 2)
-    model.train()
-    model(**tiny_batch(model, "seq")).loss.backward()
+def test_gradient_checkpointing_still_trains_the_active_blocks(family, reentrant):
+    # Reentrant checkpointing gives a block's parameters no gradient when none of its inputs requires grad; the
+    # frozen prefix outputs such a tensor, so freezing marks the first active block's input. Non-reentrant
+    # checkpointing (transformers' default) needs no mark; both must give the gradients of a plain forward.
+    batch = tiny_batch(tiny_model(family, "seq"), "seq")
+    grads = {}
+    for checkpointing in (False, True):
+        model = tiny_model(family, "seq")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        freeze_prefix(model, 2)
+        model.train()
+        torch.manual_seed(0)
+        model(**batch).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     layout = get_layout(model)
     for block in layout.blocks[2:]:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
     assert all(p.grad is None for m in layout.prefix_modules(2) for p in m.parameters())
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, rtol=1e-4, atol=1e-6), name
 
 
 def test_tied_lm_head_is_untied_and_keeps_training(tmp_path):

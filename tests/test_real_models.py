@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import training_args
-from test_boundary_states import assert_close, loss_and_grads, provider_for
+from test_batch import assert_close, loss_and_grads, provider_for
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,

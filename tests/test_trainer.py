@@ -156,17 +156,25 @@ def test_auto_mode_stores_only_what_training_will_see_again(tmp_path):
     assert len(trainer.boundary_states.cache) == 0  # a single epoch never revisits an example
 
 
-def test_auto_mode_turns_the_cache_off_when_reading_is_slower(tmp_path, monkeypatch, caplog):
-    from hf_freeze.boundary_states import BoundaryStates
+def test_auto_mode_judges_from_several_batches_and_turns_the_cache_off_when_reading_is_slower(
+        tmp_path, monkeypatch, caplog):
+    from hf_freeze.cache.batch import CacheVerdict
 
-    monkeypatch.setattr(BoundaryStates, "read_cost_per_token", lambda self, *a: 1.0)  # a very slow disk
+    record = CacheVerdict.record
+
+    def slow_reads(self, boundary, *, read=None, compute=None):  # a very slow disk: 1 s per token read
+        return record(self, boundary, read=None if read is None else 1.0, compute=compute)
+
+    monkeypatch.setattr(CacheVerdict, "record", slow_reads)
     config = FreezeConfig(policy="fixed", boundary=2, cache="auto")
     trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path),
                             train_dataset=token_dataset(size=32), data_collator=PadCollator(), freeze_config=config)
     with caplog.at_level(logging.INFO, logger="hf_freeze"):
         trainer.train()
-    assert "cache at boundary 2 off" in caplog.text
-    assert trainer.boundary_states.stats.hits == 0
+    assert "cache at boundary 2 off" in caplog.text and "medians of 3 and 4 batches" in caplog.text
+    # 4 batches of 8 per epoch: epoch 1 computes 4, epoch 2 reads 3 batches, then the verdict turns the cache off
+    assert trainer.boundary_states.stats.hits == 3 * 8
+    assert trainer.boundary_states.stats.misses == 32
 
 
 def test_precompute_cache_fills_every_example(tmp_path):
@@ -224,3 +232,141 @@ def test_freeze_trainer_saves_write_the_metadata(head, tmp_path):
     assert frozen_boundary(loaded) == 3
     for (name, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_with_the_cache_ends_with_the_same_weights(tmp_path, reentrant):
+    (cached, plain), (trainer, _) = train_pair(
+        tmp_path, "llama", "seq", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert trainer.boundary_states.stats.hits > 0
+    assert_same_weights(cached, plain)
+    initial = tiny_model("llama", "seq")  # same seed: the weights before training
+    assert not torch.equal(cached.model.layers[3].mlp.up_proj.weight, initial.model.layers[3].mlp.up_proj.weight)
+
+
+def test_bf16_training_with_the_cache_ends_with_the_same_weights(tmp_path):
+    (cached, plain), (trainer, _) = train_pair(tmp_path, "bert", "seq", bf16=True)
+    assert trainer.boundary_states.cache.dtype == torch.float32  # the model's dtype; autocast rounds inside blocks
+    assert trainer.boundary_states.stats.hits > 0
+    assert_same_weights(cached, plain, atol=1e-3)
+
+
+def cheap_reads(monkeypatch):
+    """Make "auto" judge deterministically in favour of the cache (no timing in tests)."""
+    from hf_freeze.cache.batch import CacheVerdict
+
+    record = CacheVerdict.record
+    monkeypatch.setattr(CacheVerdict, "record", lambda self, boundary, *, read=None, compute=None: record(
+        self, boundary, read=None if read is None else 0.0, compute=None if compute is None else 1.0))
+
+
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(8, 1), (4, 2)])
+def test_auto_mode_store_rule_when_max_steps_drives_training(tmp_path, monkeypatch, batch_size, accumulation):
+    cheap_reads(monkeypatch)
+    # 32 examples, 4 optimizer steps per epoch, 12 steps: 3 epochs although num_train_epochs says 1
+    args = training_args(tmp_path, num_train_epochs=1, max_steps=12, per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation)
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=args, train_dataset=token_dataset(size=32),
+                            data_collator=PadCollator(), freeze_config=FreezeConfig(policy="fixed", boundary=2))
+    trainer.train()
+    stats = trainer.boundary_states.stats
+    assert (stats.misses, stats.hits, len(trainer.boundary_states.cache)) == (32, 64, 32)
+
+
+def test_precompute_cache_keys_each_split_where_it_is_read(tmp_path):
+    from hf_freeze import freeze_prefix
+
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 3)
+    train, named, test = token_dataset(size=24, seed=0), token_dataset(size=16, seed=1), token_dataset(size=8, seed=2)
+    trainer = FreezeTrainer(model=model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=train,
+                            eval_dataset={"dev": named}, data_collator=PadCollator(),
+                            freeze_config=FreezeConfig(policy="fixed", boundary=3, cache="on"))
+    assert trainer.precompute_cache(named) == 16  # found as the evaluation set "dev"
+    trainer.boundary_states.cache_eval = False  # precomputing stores whatever cache_eval says of evaluation batches
+    assert trainer.precompute_cache(train) == 40
+    trainer.boundary_states.cache_eval = True
+    assert trainer.precompute_cache() == 40  # the training set by default: already cached, nothing new
+    with pytest.raises(ValueError, match="split="):
+        trainer.precompute_cache(test)
+    assert trainer.precompute_cache(test, split="test") == 48
+    stats = trainer.boundary_states.stats
+    stats.hits = stats.misses = 0
+    trainer.train()
+    assert (stats.hits, stats.misses) == (24, 0)
+    trainer.evaluate()
+    assert (stats.hits, stats.misses) == (40, 0)
+    trainer.predict(test)
+    assert (stats.hits, stats.misses) == (48, 0)
+
+
+def test_resume_with_restored_callback_states_keeps_the_live_callback(tmp_path):
+    data = token_dataset(size=40)
+
+    def trainer_for(model, **overrides):
+        args = training_args(tmp_path / "run", save_strategy="steps", save_steps=1, num_train_epochs=3, **overrides)
+        return FreezeTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(),
+                             freeze_config=FreezeConfig(**SCHEDULE, cache="on"))
+
+    reference_model = tiny_model("bert", "seq")
+    reference = trainer_for(reference_model)
+    reference.train()
+    checkpoint = reference.freeze_callback.timeline[-1]["step"] + 1
+
+    resumed_model = tiny_model("bert", "seq")
+    resumed = trainer_for(resumed_model, restore_callback_states_from_checkpoint=True)
+    original = resumed.freeze_callback
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{checkpoint}"))
+    live = [c for c in resumed.callback_handler.callbacks if isinstance(c, FreezeCallback)]
+    assert live == [resumed.freeze_callback] and live[0] is not original  # Trainer replaced the instance
+    assert resumed.freeze_callback.timeline == reference.freeze_callback.timeline
+    assert resumed.freeze_callback.state()["attributes"]["boundary"] == frozen_boundary(reference_model)
+    assert_same_weights(reference_model, resumed_model)
+
+
+def test_cache_is_refused_up_front_for_blocks_that_pass_more_than_hidden_states(tmp_path):
+    import transformers as T
+
+    from hf_freeze import UnsupportedModelError
+
+    config = T.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=37, num_layers=3, num_heads=2, pad_token_id=0,
+                        decoder_start_token_id=0, eos_token_id=1, num_labels=2)
+    with_eos = token_dataset(size=16).map(lambda row: {"input_ids": row["input_ids"] + [1]})  # T5 classifies at eos
+    for cache in ("on", "off"):
+        torch.manual_seed(0)
+        trainer = FreezeTrainer(
+            model=T.T5ForSequenceClassification(config), args=training_args(tmp_path / cache, max_steps=2),
+            train_dataset=with_eos, data_collator=PadCollator(),
+            freeze_config=FreezeConfig(policy="fixed", boundary=1, cache=cache,
+                                       blocks_path="transformer.encoder.block"))
+        if cache == "on":
+            with pytest.raises(UnsupportedModelError, match=r"position bias.*cache='off'"):
+                trainer.train()
+            assert trainer.state.global_step == 0
+        else:
+            trainer.train()  # freezing alone works
+            assert trainer.state.global_step == 2 and frozen_boundary(trainer.model) == 1
+
+
+def test_a_disk_cache_reused_with_other_weights_serves_the_new_ones(tmp_path):
+    data = token_dataset(size=40)
+    directory = str(tmp_path / "cache")
+    one_run = sum(len(ids) for ids in data["input_ids"]) * 32 * 4  # float32 states of width 32
+    # room for one run's states and a half: the new entries fit only if the stale ones' bytes are reclaimed
+    config = FreezeConfig(policy="fixed", boundary=2, cache="on", cache_dir=directory,
+                          cache_max_bytes=int(1.5 * one_run))
+    runs = []
+    for seed in (0, 1):  # same architecture, other weights: the second run reuses the first run's folder
+        trainer = FreezeTrainer(model=tiny_model("bert", "seq", seed=seed), args=training_args(tmp_path / str(seed)),
+                                train_dataset=data, data_collator=PadCollator(), freeze_config=config)
+        trainer.train()
+        runs.append(trainer)
+    stats = runs[1].boundary_states.stats
+    assert (stats.misses, stats.hits) == (40, 80)  # the old entries missed once, the new ones hit
+    assert runs[0].boundary_states.cache.nbytes == one_run and runs[1].boundary_states.cache.nbytes <= 1.5 * one_run
+    plain = Trainer(model=tiny_model("bert", "seq", seed=1), args=training_args(tmp_path / "plain"),
+                    train_dataset=data, data_collator=PadCollator(),
+                    callbacks=[FreezeCallback(FreezeConfig(policy="fixed", boundary=2))])
+    plain.train()
+    assert_same_weights(runs[1].model, plain.model)

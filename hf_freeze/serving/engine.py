@@ -26,10 +26,10 @@ import transformers
 from torch import nn
 from transformers.models.auto import modeling_auto
 
+from ..cache.runner import PrefixRunner
 from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
-from ..prefix import PrefixRunner
 from .generation import Clock, generate_batch, pad_token_id, partial_cache
 from .prefix_cache import StateCache
 from .requests import (

@@ -2,9 +2,12 @@
 
 Entries are stored unpadded (`[tokens, hidden]`) under the example's key, with the boundary they were computed
 at and the digest of the inputs that produced them. An entry is served only when its digest matches the current
-input and the frozen weights it was computed with are the model's current ones (a chained fingerprint of the
-embeddings and blocks `[0, boundary)`), so a cache written by another model or for other weights is never used.
-An entry at an older boundary `b < k` stays useful: blocks `[b, k)` turn it into the state at `k`.
+input and the frozen weights it was computed with are the model's current ones. The weights are checked by the
+prefix fingerprint of `hf_freeze.fingerprint` (one streaming digest per unit, chained, seeded with a description
+of the model), recorded per boundary: when the weights behind a boundary change (another model's weights in a
+reused `cache_dir`, or `unfreeze`, more training and a new freeze in one process), the boundary's new fingerprint
+replaces the old one and its stale entries are dropped, so their bytes are reclaimed. An entry at an older boundary
+`b < k` stays useful: blocks `[b, k)` turn it into the state at `k`.
 
 On disk (`directory=`) the states live in one memory-mapped file (`states.bin`), next to `index.json` and
 `manifest.json`, both replaced atomically (temp file, fsync, rename). Each entry carries a CRC32, so a torn or
@@ -29,12 +32,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import write_text_atomic
-from .layout import BlockLayout
+from ..atomic import write_text_atomic
+from ..fingerprint import prefix_fingerprint
+from ..freezing import frozen_boundary
+from ..layout import BlockLayout
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries record their hidden size (zero-length entries), fingerprints via fingerprint.py
 MANIFEST_NAME = "manifest.json"
 INDEX_NAME = "index.json"
 STATES_NAME = "states.bin"
@@ -69,9 +74,17 @@ class PrefixCache:
         layout (`BlockLayout`): its layout.
         directory (`str`, *optional*): keep the cache on disk there; default in memory.
         max_bytes (`int`): byte budget of the stored states.
-        dtype (`str`): storage precision, `"float32"` (exact), `"bfloat16"` or `"float16"`.
+        dtype (`str`): storage precision: `"auto"` (the model's own parameter dtype, so nothing is rounded),
+            `"float32"`, `"bfloat16"` or `"float16"`.
         on_stale (`str`): `"rebuild"` empties a directory written for another model; `"error"` raises
             `StaleCacheError`.
+
+    Example:
+        ```python
+        cache = PrefixCache(model, get_layout(model), directory="cache")
+        cache.put(key, digest, 2, states)            # states: [tokens, hidden] at boundary 2
+        cache.get(key, digest, 2).states             # the same values, or None when stale
+        ```
     """
 
     def __init__(
@@ -81,20 +94,20 @@ class PrefixCache:
         *,
         directory: str | os.PathLike | None = None,
         max_bytes: int = 4 * 2**30,
-        dtype: str = "float32",
+        dtype: str = "auto",
         on_stale: str = "rebuild",
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"The cache budget `max_bytes` must be positive, got {max_bytes}.")
-        if dtype not in DTYPES:
-            raise ValueError(f"Unknown cache dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"Unknown cache dtype {dtype!r}; choose 'auto' or one of {sorted(DTYPES)}.")
         self.model = model
         self.layout = layout
-        self.dtype = DTYPES[dtype]
+        self.dtype_name = _model_dtype_name(layout) if dtype == "auto" else dtype
+        self.dtype = DTYPES[self.dtype_name]
         self.max_bytes = max_bytes
-        self._prefix_fingerprints: dict[int, str] = {}
-        self.model_fingerprint = model_fingerprint(model, layout, dtype)
-        manifest = {"format": FORMAT_VERSION, "model": self.model_fingerprint, "dtype": dtype, "prefix": {}}
+        self.model_fingerprint = model_fingerprint(model, layout, self.dtype_name)
+        manifest = {"format": FORMAT_VERSION, "model": self.model_fingerprint, "dtype": self.dtype_name, "prefix": {}}
         if directory is None:
             self.store: _Store = _MemoryStore(max_bytes)
             self.manifest = manifest
@@ -106,12 +119,15 @@ class PrefixCache:
 
     def get(self, key: int, digest: bytes, boundary: int) -> CachedState | None:
         """The entry of `key` if it was computed from an input with `digest`, at a boundary `<= boundary`, with
-        the current frozen weights; else `None`."""
+        the current frozen weights; else `None` (an entry computed with other weights is dropped)."""
         found = self.store.get(key)
         if found is None:
             return None
         entry_boundary, entry_digest, states = found
-        if entry_digest != digest or entry_boundary > boundary or not self._is_current(entry_boundary):
+        if entry_digest != digest or entry_boundary > boundary:
+            return None
+        if not self._is_current(entry_boundary):
+            self.store.remove(key)
             return None
         return CachedState(entry_boundary, states)
 
@@ -126,6 +142,7 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the stored states occupy (on disk: the states file, reclaimed by compaction)."""
         return self.store.nbytes
 
     def __len__(self) -> int:
@@ -137,26 +154,30 @@ class PrefixCache:
 
     # ---- fingerprints ----
 
-    def prefix_fingerprint(self, boundary: int) -> str:
-        """Chained hash of the embeddings and blocks `[0, boundary)` weights."""
-        if boundary not in self._prefix_fingerprints:
-            h = hashlib.blake2b(self.model_fingerprint.encode(), digest_size=16)
-            for unit in range(boundary + 1):
-                for module in self.layout.unit_modules(unit):
-                    for name, param in module.named_parameters():
-                        h.update(name.encode())
-                        h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._prefix_fingerprints[boundary] = h.hexdigest()
-        return self._prefix_fingerprints[boundary]
+    def fingerprint(self, boundary: int) -> str:
+        """Fingerprint of the model description and the embeddings and blocks `[0, boundary)` weights as they are
+        now (units inside the frozen prefix are hashed once per freeze, see `hf_freeze.fingerprint`)."""
+        return prefix_fingerprint(self.model, self.layout, boundary, seed=self.model_fingerprint,
+                                  frozen_boundary=frozen_boundary(self.model))
 
     def _record_fingerprint(self, boundary: int) -> None:
-        self.manifest["prefix"].setdefault(str(boundary), self.prefix_fingerprint(boundary))
+        current = self.fingerprint(boundary)
+        recorded = self.manifest["prefix"].get(str(boundary))
+        if recorded == current:
+            return
+        if recorded is not None:
+            dropped = self.store.remove_boundary(boundary)
+            logger.warning(
+                "hf_freeze: the frozen weights behind boundary %d changed; dropped %d cached states computed with "
+                "the old ones.", boundary, dropped,
+            )
+        self.manifest["prefix"][str(boundary)] = current
 
     def _is_current(self, boundary: int) -> bool:
         recorded = self.manifest["prefix"].get(str(boundary))
         if recorded is None:
             return False
-        if recorded == self.prefix_fingerprint(boundary):
+        if recorded == self.fingerprint(boundary):
             return True
         if f"stale{boundary}" not in self.warned:
             self.warned.add(f"stale{boundary}")
@@ -185,6 +206,17 @@ def model_fingerprint(model: nn.Module, layout: BlockLayout, dtype: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def _model_dtype_name(layout: BlockLayout) -> str:
+    """The storage dtype `"auto"` picks: the blocks' floating-point parameter dtype (float32 for others)."""
+    for param in layout.blocks[0].parameters():
+        if param.is_floating_point():
+            for name, dtype in DTYPES.items():
+                if param.dtype == dtype:
+                    return name
+            break
+    return "float32"
+
+
 # ---- storage ----
 
 
@@ -196,6 +228,13 @@ class _Store(ABC):
 
     @abstractmethod
     def put(self, key: int, boundary: int, digest: bytes, states: torch.Tensor) -> bool: ...
+
+    @abstractmethod
+    def remove(self, key: int) -> None: ...
+
+    @abstractmethod
+    def remove_boundary(self, boundary: int) -> int:
+        """Drop every entry at `boundary`; returns how many."""
 
     @property
     @abstractmethod
@@ -228,6 +267,17 @@ class _MemoryStore(_Store):
         self._nbytes += size - freed
         return True
 
+    def remove(self, key: int) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self._nbytes -= _tensor_bytes(old[2])
+
+    def remove_boundary(self, boundary: int) -> int:
+        keys = [k for k, entry in self.entries.items() if entry[0] == boundary]
+        for key in keys:
+            self.remove(key)
+        return len(keys)
+
     @property
     def nbytes(self) -> int:
         return self._nbytes
@@ -237,7 +287,9 @@ class _MemoryStore(_Store):
 
 
 class _DiskStore(_Store):
-    """States in one file, written with `os.pwrite` and read through `numpy.memmap`; the index in JSON."""
+    """States in one file, written with `os.pwrite` and read through `numpy.memmap`; the index in JSON. Entries
+    that were dropped leave dead bytes behind; when the budget is reached and compacting would make room, the live
+    entries are copied into a fresh file that replaces the old one (temp file, fsync, rename)."""
 
     def __init__(self, directory: Path, max_bytes: int, dtype: torch.dtype) -> None:
         self.directory = directory
@@ -246,6 +298,7 @@ class _DiskStore(_Store):
         self.index: dict[int, dict[str, Any]] = {}
         self.data_end = 0
         self.full = False
+        self.manifest: dict[str, Any] | None = None
         self._fd = os.open(directory / STATES_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         self._map: np.memmap | None = None
         self._warned_corrupt = False
@@ -272,6 +325,7 @@ class _DiskStore(_Store):
         if saved is not None:
             manifest = saved["manifest"]
             store._load_index(saved["index"])
+        store.manifest = manifest
         return store, manifest
 
     def _load_index(self, index: dict[str, Any]) -> None:
@@ -292,17 +346,25 @@ class _DiskStore(_Store):
         entry = self.index.get(key)
         if entry is None:
             return None
+        raw = self._read(entry)
+        if raw is None or zlib.crc32(raw) != entry["crc"]:
+            return self._corrupt(key)
+        if entry["nbytes"] == 0:
+            states = torch.zeros(entry["tokens"], entry["hidden"], dtype=self.dtype)
+        else:
+            states = torch.from_numpy(raw).view(self.dtype).view(entry["tokens"], entry["hidden"])
+        return entry["boundary"], bytes.fromhex(entry["digest"]), states
+
+    def _read(self, entry: dict[str, Any]) -> np.ndarray | None:
+        if entry["nbytes"] == 0:
+            return np.zeros(0, dtype=np.uint8)  # an empty file cannot be memory-mapped
         end = entry["offset"] + entry["nbytes"]
         if self._map is None or len(self._map) < end:
             size = os.fstat(self._fd).st_size
             if size < end:
-                return self._corrupt(key)
+                return None
             self._map = np.memmap(self.directory / STATES_NAME, dtype=np.uint8, mode="r", shape=(size,))
-        raw = np.array(self._map[entry["offset"] : end])
-        if zlib.crc32(raw) != entry["crc"]:
-            return self._corrupt(key)
-        states = torch.from_numpy(raw).view(self.dtype).view(entry["tokens"], -1)
-        return entry["boundary"], bytes.fromhex(entry["digest"]), states
+        return np.array(self._map[entry["offset"] : end])
 
     def put(self, key: int, boundary: int, digest: bytes, states: torch.Tensor) -> bool:
         if self.full:
@@ -310,14 +372,18 @@ class _DiskStore(_Store):
         raw = states.view(torch.uint8).numpy().tobytes() if states.numel() else b""
         old = self.index.get(key)
         in_place = old is not None and old["nbytes"] == len(raw)
+        if not in_place and self.data_end + len(raw) > self.max_bytes:
+            live = sum(e["nbytes"] for k, e in self.index.items() if k != key)
+            if live + len(raw) > self.max_bytes:
+                self.refusal = f"the prefix cache reached its budget of {self.max_bytes:,} bytes"
+                return False
+            self.index.pop(key, None)
+            self._compact()
         offset = old["offset"] if in_place else self.data_end
-        if not in_place and offset + len(raw) > self.max_bytes:
-            self.refusal = f"the prefix cache reached its budget of {self.max_bytes:,} bytes"
-            return False
         # An overwrite in place is not atomic, so unlist the entry first: a torn write is then never served.
         self.index.pop(key, None)
         try:
-            written = os.pwrite(self._fd, raw, offset)
+            written = os.pwrite(self._fd, raw, offset) if raw else 0
         except OSError as error:
             if error.errno not in _NO_SPACE:
                 raise
@@ -335,9 +401,45 @@ class _DiskStore(_Store):
             "offset": offset,
             "nbytes": len(raw),
             "tokens": int(states.shape[0]),
+            "hidden": int(states.shape[1]),
             "crc": zlib.crc32(raw),
         }
         return True
+
+    def remove(self, key: int) -> None:
+        self.index.pop(key, None)
+
+    def remove_boundary(self, boundary: int) -> int:
+        keys = [k for k, entry in self.index.items() if entry["boundary"] == boundary]
+        for key in keys:
+            self.index.pop(key)
+        return len(keys)
+
+    def _compact(self) -> None:
+        """Copy the live entries into a new states file that atomically replaces the old one, then write the index
+        that matches it (until then, the CRCs make the old index's entries read as misses)."""
+        tmp = self.directory / f".{STATES_NAME}.compact.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        offset = 0
+        try:
+            for key, entry in list(self.index.items()):
+                raw = self._read(entry)
+                if raw is None or zlib.crc32(raw) != entry["crc"]:
+                    self.index.pop(key)
+                    continue
+                os.pwrite(fd, raw.tobytes(), offset)
+                entry["offset"] = offset
+                offset += entry["nbytes"]
+            os.fsync(fd)
+            os.replace(tmp, self.directory / STATES_NAME)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(self._fd)
+        self._fd, self._map, self.data_end = fd, None, offset
+        if self.manifest is not None:
+            self.flush(self.manifest)
 
     def flush(self, manifest: dict[str, Any]) -> None:
         os.fsync(self._fd)

@@ -7,7 +7,13 @@ any Accelerate device/autocast hooks or DDP wrapper still apply; no per-model fo
   raised from a forward hook), so blocks `[k, L)` and the head never run.
 - `inject_states` temporarily replaces blocks `[0, k)` in the block list with stand-ins that return given states,
   so the model's forward skips the frozen blocks and its first real block is block `k`. The embeddings still run;
-  they cost a table lookup.
+  they cost a table lookup. Under gradient checkpointing the injected states require grad, as the frozen prefix's
+  boundary hook makes them in a full forward: reentrant checkpointing gives a block's parameters no gradient
+  when none of its inputs requires grad.
+
+Only the hidden states cross the boundary. A block whose output carries more to the next block (T5's position
+bias, or any other non-`None` element after the hidden states) cannot be resumed from cached states, so the
+runner refuses such a model with `UnsupportedModelError` as soon as it sees one block output.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import BlockLayout, _dummy_inputs, execution_device
+from ..freezing import uses_activation_checkpointing
+from ..layout import BlockLayout, UnsupportedModelError, _dummy_inputs, execution_device
 
 
 class _BoundaryReached(Exception):
@@ -56,6 +63,14 @@ class PrefixRunner:
     Args:
         model (`nn.Module`): the (unwrapped) model; call it with the DDP-wrapped one inside `inject_states`.
         layout (`BlockLayout`): the model's layout.
+
+    Example:
+        ```python
+        runner = PrefixRunner(model, get_layout(model))
+        states = runner.boundary_states({"input_ids": ids, "attention_mask": mask}, 2)  # output of block 1
+        with runner.inject_states(states, 2):
+            logits = model(input_ids=ids, attention_mask=mask).logits  # blocks 0 and 1 do not run
+        ```
     """
 
     def __init__(self, model: nn.Module, layout: BlockLayout) -> None:
@@ -76,6 +91,9 @@ class PrefixRunner:
             inputs: model inputs without labels.
             boundary: `1 <= boundary <= num_blocks`.
             start: `(b, states)` with the states at an earlier boundary `b`: only blocks `[b, boundary)` run.
+
+        Raises:
+            `UnsupportedModelError`: the block passes more than hidden states to the next block.
         """
         if not 1 <= boundary <= self.layout.num_blocks:
             raise ValueError(f"A boundary state needs 1 <= boundary <= {self.layout.num_blocks}, got {boundary}.")
@@ -96,9 +114,11 @@ class PrefixRunner:
         `states`. Works with any wrapper around the model (DDP, autocast)."""
         if not 1 <= boundary <= self.layout.num_blocks:
             raise ValueError(f"Injecting states needs 1 <= boundary <= {self.layout.num_blocks}, got {boundary}.")
-        tuple_length = self._block_output_format()
+        tuple_length = self.check_block_outputs()
         blocks = self.layout.blocks
         states = states.to(execution_device(blocks[boundary - 1]))
+        if torch.is_grad_enabled() and uses_activation_checkpointing(self.model) and not states.requires_grad:
+            states = states.detach().requires_grad_(True)
         originals = [blocks[i] for i in range(boundary)]
         for i, block in enumerate(originals):
             blocks[i] = _StandInBlock(block, states, tuple_length)
@@ -108,19 +128,53 @@ class PrefixRunner:
             for i, block in enumerate(originals):
                 blocks[i] = block
 
-    def _stop_at_boundary(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._tuple_length = len(output) if isinstance(output, tuple) else None
-        raise _BoundaryReached(output)
+    def check_block_outputs(self, strict: bool = True) -> int | None:
+        """Learn the blocks' output format from one tiny forward (in eval mode, so no random numbers are drawn)
+        unless a block output was already seen. Returns `None` when blocks return a tensor, else the length of the
+        tuple they return.
 
-    def _block_output_format(self) -> int | None:
-        """`None` when blocks return a tensor, else the length of the tuple they return."""
+        Args:
+            strict: when False, a tiny forward that fails for another reason (a model that needs more than
+                `input_ids`) is not an error; the format is then learnt from the first real batch.
+
+        Raises:
+            `UnsupportedModelError`: a block passes more than hidden states to the next one.
+        """
         if self._tuple_length is False:
             inputs = _dummy_inputs(self.model)
             if inputs is None:
                 self._tuple_length = None
             else:
-                self.boundary_states(inputs, 1)
+                modes = {module: module.training for module in self.model.modules()}
+                self.model.eval()
+                try:
+                    self.boundary_states(inputs, 1)
+                except UnsupportedModelError:
+                    raise
+                except Exception:
+                    if strict:
+                        raise
+                    return None
+                finally:
+                    for module, training in modes.items():
+                        module.training = training
         return self._tuple_length  # type: ignore[return-value]
+
+    def _stop_at_boundary(self, module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, (tuple, list)):
+            extra = [(i, value) for i, value in enumerate(output) if i > 0 and value is not None]
+            if extra:
+                position, value = extra[0]
+                raise UnsupportedModelError(
+                    f"The blocks of {type(self.model).__name__} (`{self.layout.blocks_path}`) pass more than hidden "
+                    f"states to the next block (element {position} of their output is a {_describe(value)}, e.g. a "
+                    "position bias). The prefix cache can only resume a forward from hidden states, so it cannot be "
+                    "used with this model: set `FreezeConfig(cache='off')` (freezing still works)."
+                )
+            self._tuple_length = len(output)
+        else:
+            self._tuple_length = None
+        raise _BoundaryReached(output)
 
 
 def _hidden_states(output: Any) -> torch.Tensor:
@@ -129,3 +183,9 @@ def _hidden_states(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"Cannot find the hidden states in a block output of type {type(output).__name__}.")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

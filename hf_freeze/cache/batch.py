@@ -1,0 +1,357 @@
+"""The one place that decides, per batch, what to read from the cache, what to compute, advance and store.
+
+For each example of a batch (digested once):
+- a cache entry at the current boundary `k` is a *hit*, read and re-padded;
+- an entry at an older boundary `b < k` is *advanced*: only blocks `[b, k)` run, from the cached states;
+- otherwise it is a *miss*: the frozen prefix runs for those examples only.
+States are stored without their trailing padding (what the input digest leaves out too) and re-padded into the
+batch's own length (zeros at trailing padded positions, which no real position reads). Leading (left) padding is
+part of an example's identity, so its states are kept.
+
+What is stored: everything in `"on"` mode and in evaluation; in `"auto"` mode a training example only when the run
+will see it again (`will_see_again`). When a batch has nothing to read and nothing to store, the cache stays out
+of the way and the model runs its plain forward.
+
+`"auto"` also judges, per boundary, whether the cache pays: it times reading and re-padding hits and computing
+misses with the frozen prefix (the device synchronised around each, so an accelerator's queued kernels are
+counted), and once it has `JUDGE_BATCHES` batches of each it compares the medians; a cache that does not pay is
+off at that boundary from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..layout import execution_device
+from .keys import example_digests, last_real_positions
+from .runner import PrefixRunner
+from .store import PrefixCache
+
+logger = logging.getLogger(__name__)
+
+CACHE_MODES = ("auto", "on", "off")
+JUDGE_BATCHES = 3  # batches timed of each kind (reads, computes) before "auto" judges a boundary
+
+
+@dataclass
+class CacheStats:
+    """Counters of cache use since the start of training (logged as `cache/*`)."""
+
+    hits: int = 0
+    advanced: int = 0
+    misses: int = 0
+    stored: int = 0
+    not_stored: int = 0
+    hit_tokens: int = 0
+    read_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    computed_tokens: int = 0
+    seconds_per_token: dict[int, float] = field(default_factory=dict)  # median frozen-prefix cost by boundary
+
+    def saved_seconds(self) -> float:
+        """Estimated prefix compute time the hits avoided, net of the time spent reading them."""
+        cost = max(self.seconds_per_token.values(), default=0.0)
+        return max(self.hit_tokens * cost - self.read_seconds, 0.0)
+
+    def as_logs(self, cache: PrefixCache) -> dict[str, float]:
+        return {
+            "cache/hits": float(self.hits),
+            "cache/advanced": float(self.advanced),
+            "cache/misses": float(self.misses),
+            "cache/entries": float(len(cache)),
+            "cache/bytes": float(cache.nbytes),
+            "cache/saved_seconds": round(self.saved_seconds(), 3),
+        }
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """Where training stands, for the store rule: optimizer steps done, in all, and per epoch (`None`: unknown,
+    e.g. a dataloader without a length)."""
+
+    step: int
+    max_steps: int
+    steps_per_epoch: int | None
+
+
+def will_see_again(progress: TrainingProgress) -> bool:
+    """Whether the examples of the batch in flight (step `step + 1`) come back one epoch later, before the end.
+
+    Example:
+        ```python
+        will_see_again(TrainingProgress(step=3, max_steps=12, steps_per_epoch=4))   # True: back at step 8
+        will_see_again(TrainingProgress(step=8, max_steps=12, steps_per_epoch=4))   # False: step 13 never runs
+        ```
+    """
+    if progress.steps_per_epoch is None:
+        return True
+    return progress.step + 1 + progress.steps_per_epoch <= progress.max_steps
+
+
+class CacheVerdict:
+    """`cache="auto"`: per boundary, the measured seconds per token of reading cached states and of computing them
+    with the frozen prefix; a verdict once `batches` batches of each are in, from their medians.
+
+    Args:
+        batches (`int`): timed batches of each kind needed before judging (at least 1).
+    """
+
+    def __init__(self, batches: int = JUDGE_BATCHES) -> None:
+        if batches < 1:
+            raise ValueError(f"`batches` must be at least 1, got {batches}.")
+        self.batches = batches
+        self.reads: dict[int, list[float]] = defaultdict(list)
+        self.computes: dict[int, list[float]] = defaultdict(list)
+        self.verdicts: dict[int, bool] = {}
+
+    def record(self, boundary: int, *, read: float | None = None, compute: float | None = None) -> bool | None:
+        """Add one batch's seconds per token; returns the verdict when this call reached it, else `None`."""
+        if boundary in self.verdicts:
+            return None
+        if read is not None:
+            self.reads[boundary].append(read)
+        if compute is not None:
+            self.computes[boundary].append(compute)
+        reads, computes = self.reads[boundary], self.computes[boundary]
+        if len(reads) < self.batches or len(computes) < self.batches:
+            return None
+        read_cost, compute_cost = statistics.median(reads), statistics.median(computes)
+        self.verdicts[boundary] = read_cost < compute_cost
+        logger.info(
+            "hf_freeze: cache at boundary %d %s: reading costs %.3g us/token, the frozen prefix %.3g us/token "
+            "(medians of %d and %d batches).", boundary, "on" if self.verdicts[boundary] else "off",
+            read_cost * 1e6, compute_cost * 1e6, len(reads), len(computes),
+        )
+        return self.verdicts[boundary]
+
+    def allows(self, boundary: int) -> bool:
+        """False once the cache was judged not to pay at `boundary`."""
+        return self.verdicts.get(boundary, True)
+
+
+class BatchCache:
+    """Produces the padded `[batch, seq, hidden]` boundary states of a batch, or `None` when the plain forward
+    should run.
+
+    Args:
+        runner (`PrefixRunner`): runs the frozen prefix.
+        cache (`PrefixCache`): stores per-example states.
+        label_names (`Iterable[str]`): batch entries that are targets, not model inputs of the prefix.
+        mode (`str`): `"auto"`, `"on"` or `"off"` (see the module docstring).
+        cache_eval (`bool`): also cache evaluation batches.
+
+    Example:
+        ```python
+        batches = BatchCache(PrefixRunner(model, layout), PrefixCache(model, layout), ["labels"], mode="on")
+        states = batches.states_for(batch, keys, frozen_boundary(model), training=True)
+        with batches.runner.inject_states(states, frozen_boundary(model)):
+            loss = model(**batch).loss
+        ```
+    """
+
+    def __init__(
+        self,
+        runner: PrefixRunner,
+        cache: PrefixCache,
+        label_names: Iterable[str],
+        *,
+        mode: str = "on",
+        cache_eval: bool = True,
+    ) -> None:
+        if mode not in CACHE_MODES:
+            raise ValueError(f"The cache mode must be one of {list(CACHE_MODES)}, got {mode!r}.")
+        self.runner = runner
+        self.cache = cache
+        self.label_names = set(label_names) | {"labels", "label", "label_ids"}
+        self.mode = mode
+        self.cache_eval = cache_eval
+        self.stats = CacheStats()
+        self.verdict = CacheVerdict()
+        self.state_dtype: torch.dtype | None = None
+        self._compute_samples: dict[int, deque[float]] = defaultdict(lambda: deque(maxlen=16))
+
+    def wanted(self, boundary: int | None, training: bool) -> bool:
+        """Whether batches at `boundary` go through the cache at all."""
+        if boundary is None or boundary < 1 or self.mode == "off":
+            return False
+        if not training and not self.cache_eval:
+            return False
+        return self.mode == "on" or self.verdict.allows(boundary)
+
+    def should_store(self, training: bool, progress: TrainingProgress | None) -> bool:
+        """`"on"` and evaluation store everything; `"auto"` training stores only what the run will see again."""
+        if self.mode == "on" or not training or progress is None:
+            return True
+        return will_see_again(progress)
+
+    def states_for(
+        self,
+        inputs: Mapping[str, Any],
+        keys: torch.Tensor,
+        boundary: int | None,
+        *,
+        training: bool = True,
+        progress: TrainingProgress | None = None,
+    ) -> torch.Tensor | None:
+        """The batch's states at `boundary`, or `None` when the cache is not used for this batch (off, not paying,
+        or nothing to read and nothing worth storing).
+
+        Args:
+            inputs: the batch (labels are ignored).
+            keys: the examples' keys (`keys.INDEX_COLUMN`), one per row.
+            boundary: the frozen boundary.
+            training: a training batch (else evaluation or prediction).
+            progress: where training stands, for the `"auto"` store rule.
+        """
+        if not self.wanted(boundary, training):
+            return None
+        return self._states(inputs, keys, boundary, store=self.should_store(training, progress))
+
+    def fill(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int) -> None:
+        """Compute (or advance) and store the states of every example of the batch at `boundary`, whatever the
+        mode's rules for training or evaluation batches say (`FreezeTrainer.precompute_cache`)."""
+        if not 1 <= boundary <= self.runner.layout.num_blocks:
+            raise ValueError(f"Filling the cache needs 1 <= boundary <= {self.runner.layout.num_blocks}, got "
+                             f"{boundary}.")
+        self._states(inputs, keys, boundary, store=True)
+
+    def _states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
+                ) -> torch.Tensor | None:
+        model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
+        digests = example_digests(model_inputs, exclude=())
+        kept = _kept_positions(model_inputs)
+        device = execution_device(self.runner.layout.blocks[boundary - 1])
+
+        read_started = _now(device)
+        entries = [self.cache.get(key, digest, boundary) for key, digest in zip(keys.tolist(), digests)]
+        if not store and all(entry is None for entry in entries):
+            return None  # nothing to read, nothing to keep: the plain forward does the same work for less
+        per_example: list[torch.Tensor | None] = [None] * len(digests)
+        to_advance: dict[int, list[int]] = defaultdict(list)
+        missing: list[int] = []
+        hit_tokens = 0
+        for i, entry in enumerate(entries):
+            if entry is None:
+                missing.append(i)
+                continue
+            per_example[i] = entry.states
+            if entry.boundary == boundary:
+                self.stats.hits += 1
+                hit_tokens += entry.states.shape[0]
+            else:
+                to_advance[entry.boundary].append(i)
+        if not missing and not to_advance:
+            padded = _pad(per_example, kept, self._dtype(boundary), device)
+            read_seconds = _now(device) - read_started
+            self._record(boundary, read=read_seconds / max(hit_tokens, 1))
+            self.stats.read_seconds += read_seconds
+            self.stats.hit_tokens += hit_tokens
+            return padded
+        self.stats.hit_tokens += hit_tokens
+
+        for start_boundary, rows in sorted(to_advance.items()):
+            start = _pad([per_example[i] for i in rows], kept[rows], self._dtype(boundary), device)
+            states = self.runner.boundary_states(_rows(model_inputs, rows), boundary, start=(start_boundary, start))
+            self._keep(per_example, rows, states, kept, keys, digests, boundary, store)
+            self.stats.advanced += len(rows)
+        if missing:
+            started = _now(device)
+            states = self.runner.boundary_states(_rows(model_inputs, missing), boundary)
+            elapsed = _now(device) - started
+            tokens = int(kept[missing].sum())
+            self.stats.compute_seconds += elapsed
+            self.stats.computed_tokens += tokens
+            self._record(boundary, compute=elapsed / max(tokens, 1))
+            self._keep(per_example, missing, states, kept, keys, digests, boundary, store)
+            self.stats.misses += len(missing)
+        return _pad(per_example, kept, self._dtype(boundary), device)
+
+    def _record(self, boundary: int, *, read: float | None = None, compute: float | None = None) -> None:
+        if compute is not None:
+            samples = self._compute_samples[boundary]
+            samples.append(compute)
+            self.stats.seconds_per_token[boundary] = statistics.median(samples)
+        if self.mode == "auto":
+            self.verdict.record(boundary, read=read, compute=compute)
+
+    def _keep(self, per_example, rows, states, kept, keys, digests, boundary, store) -> None:
+        self.state_dtype = states.dtype
+        states = states.detach()
+        for row, i in enumerate(rows):
+            per_example[i] = states[row][kept[i].to(states.device)]
+            if store:
+                stored = self.cache.put(int(keys[i]), digests[i], boundary, per_example[i])
+                self.stats.stored += stored
+                self.stats.not_stored += not stored
+
+    def _dtype(self, boundary: int) -> torch.dtype:
+        if self.state_dtype is None:
+            self.state_dtype = next(self.runner.layout.blocks[boundary - 1].parameters()).dtype
+        return self.state_dtype
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator `device` (a no-op on the CPU), so that a clock read afterwards
+    counts the kernels and not only their launch."""
+    if device.type in ("cpu", "meta"):
+        return
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "synchronize"):
+        accelerator.synchronize(device)
+    elif device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _now(device: torch.device) -> float:
+    synchronize(device)
+    return time.perf_counter()
+
+
+def _kept_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
+    """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token.
+
+    Trailing padding is dropped (no real token reads it). Leading padding is kept: it is part of the example's
+    digest, and a left-padded causal LM predicts its first real token from the last padding position, so those
+    states must be the ones the prefix computed, not zeros.
+    """
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = mask.detach().cpu()
+        ends = torch.tensor(last_real_positions(mask))
+        return torch.arange(mask.shape[1]).unsqueeze(0) < ends.unsqueeze(1)
+    reference = inputs.get("input_ids", inputs.get("inputs_embeds"))
+    if not isinstance(reference, torch.Tensor):
+        raise ValueError("The prefix cache needs `input_ids` or `inputs_embeds` (and optionally attention_mask).")
+    return torch.ones(reference.shape[:2], dtype=torch.bool)
+
+
+def _rows(inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The sub-batch of examples `rows` (tensors whose first dimension is the batch are indexed)."""
+    batch = _kept_positions(inputs).shape[0]
+    if rows == list(range(batch)):
+        return dict(inputs)
+    index = torch.tensor(rows)
+
+    def select(value: Any) -> Any:
+        is_batched = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+        return value.index_select(0, index.to(value.device)) if is_batched else value
+
+    return {k: select(v) for k, v in inputs.items()}
+
+
+def _pad(
+    per_example: list[torch.Tensor | None], kept: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Scatter `[tokens_i, hidden]` states into a zero `[batch, seq, hidden]` tensor at the kept positions."""
+    hidden = next(s for s in per_example if s is not None).shape[-1]
+    out = torch.zeros(*kept.shape, hidden, dtype=dtype, device=device)
+    out[kept.to(device)] = torch.cat([s.to(device, dtype) for s in per_example])  # type: ignore[union-attr]
+    return out

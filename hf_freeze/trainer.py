@@ -27,8 +27,10 @@ from .boundary_states import BoundaryStates
 from .cache import PrefixCache
 from .callback import FreezeCallback
 from .config import FreezeConfig
+from .distributed import ActiveBlocksDDP, RankStableSampler, check_cache_world
 from .freezing import frozen_boundary, get_layout, untied_parameters
 from .keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
+from .offload import materialized_state_dict
 from .model_card import append_to_model_card, render_freeze_section
 from .prefix import PrefixRunner
 
@@ -61,6 +63,8 @@ class FreezeTrainer(Trainer):
             )
         self.freeze_config = freeze_config or FreezeConfig()
         self.freeze_callback = FreezeCallback(self.freeze_config)
+        self.freeze_callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
+        self.active_ddp = ActiveBlocksDDP(keep_find_unused=self.args.ddp_find_unused_parameters is not None)
         self.add_callback(self.freeze_callback)
         self.add_callback(_CacheMaintenance(self))
         self.data_collator = ExampleIndexCollator(self.data_collator)
@@ -79,7 +83,36 @@ class FreezeTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         with _swapped(self, "train_dataset", add_example_index(self.train_dataset, "train")):
-            return super().get_train_dataloader()
+            loader = super().get_train_dataloader()
+        shard = getattr(loader, "batch_sampler", None)
+        if isinstance(getattr(getattr(shard, "batch_sampler", None), "sampler", None), RankStableSampler):
+            shard.num_processes, shard.process_index = 1, 0  # the sampler already yields this rank's examples only
+        return loader
+
+    def _get_train_sampler(self, train_dataset: Any | None = None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.rank_stable_sharding and hasattr(dataset, "__len__"):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return RankStableSampler(len(dataset), self.args.world_size, self.args.process_index, seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
+    @property
+    def rank_stable_sharding(self) -> bool:
+        """Whether training examples stay on one rank for the whole run (`FreezeConfig.rank_stable_sharding`)."""
+        if self.args.world_size <= 1:
+            return False
+        wanted = self.freeze_config.rank_stable_sharding
+        return self.freeze_config.cache != "off" if wanted is None else wanted
+
+    # ---- DDP over the active blocks ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.freeze_config.ddp_rebuild:
+            model = self.active_ddp.wrapper_for(model, frozen_boundary(self.model))
+            self.model_wrapped = model
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.active_ddp.after_backward(self.accelerator.sync_gradients)
+        return loss
 
     def get_eval_dataloader(self, eval_dataset: str | Any | None = None) -> DataLoader:
         name = f"eval/{eval_dataset}" if isinstance(eval_dataset, str) else "eval"
@@ -161,6 +194,8 @@ class FreezeTrainer(Trainer):
             layout = get_layout(self.model, self.freeze_config.blocks_path)
             directory = self.freeze_config.cache_dir
             if directory is not None and self.args.world_size > 1:
+                check_cache_world(directory, self.args.world_size, self.rank_stable_sharding,
+                                  is_main=self.is_world_process_zero())
                 directory = os.path.join(directory, f"rank{self.args.process_index}")
             cache = PrefixCache(
                 self.model,
@@ -194,6 +229,12 @@ class FreezeTrainer(Trainer):
                 provider.states_for(self._prepare_inputs(batch), keys, boundary, store=True)
         provider.cache.flush()
         return len(provider.cache)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # blocks offloaded by Accelerate (device_map or offload_frozen) sit on `meta`: save their real weights
+        if state_dict is None and any(p.device.type == "meta" for p in self.model.parameters()):
+            state_dict = materialized_state_dict(self.model)
+        super()._save(output_dir, state_dict)
 
     # ---- model card ----
 
@@ -229,6 +270,8 @@ class FreezeTrainer(Trainer):
         logs.update(self.freeze_callback.pop_pending_logs())
         if self.boundary_states is not None:
             logs.update(self.boundary_states.stats.as_logs(self.boundary_states.cache))
+        if self.active_ddp.meter.step_bytes:
+            logs["ddp/allreduce_bytes_per_step"] = float(self.active_ddp.meter.step_bytes[-1])
         super().log(logs, start_time)
 
 

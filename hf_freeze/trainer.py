@@ -30,8 +30,8 @@ from .config import FreezeConfig
 from .distributed import ActiveBlocksDDP, RankStableSampler, check_cache_world
 from .freezing import frozen_boundary, get_layout, untied_parameters
 from .keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
-from .offload import materialized_state_dict
 from .model_card import append_to_model_card, render_freeze_section
+from .offload import materialized_state_dict
 from .prefix import PrefixRunner
 
 logger = logging.getLogger(__name__)

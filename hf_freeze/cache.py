@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .atomic import write_text_atomic
+from .fingerprint import prefix_fingerprint
 from .layout import BlockLayout
 
 logger = logging.getLogger(__name__)
@@ -140,13 +141,10 @@ class PrefixCache:
     def prefix_fingerprint(self, boundary: int) -> str:
         """Chained hash of the embeddings and blocks `[0, boundary)` weights."""
         if boundary not in self._prefix_fingerprints:
-            h = hashlib.blake2b(self.model_fingerprint.encode(), digest_size=16)
-            for unit in range(boundary + 1):
-                for module in self.layout.unit_modules(unit):
-                    for name, param in module.named_parameters():
-                        h.update(name.encode())
-                        h.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._prefix_fingerprints[boundary] = h.hexdigest()
+            # fingerprint.py reads offloaded (meta) weights from Accelerate's hooks
+            self._prefix_fingerprints[boundary] = prefix_fingerprint(
+                self.model, self.layout, boundary, seed=self.model_fingerprint
+            )
         return self._prefix_fingerprints[boundary]
 
     def _record_fingerprint(self, boundary: int) -> None:

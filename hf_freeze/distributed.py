@@ -139,7 +139,7 @@ class AllReduceMeter:
         return sent
 
 
-def _counting_allreduce(meter: AllReduceMeter, bucket: torch.distributed.GradBucket) -> torch.futures.Future:
+def _counting_allreduce(meter, bucket):  # no annotations: DDP checks them, and they are strings in this module
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     buffer = bucket.buffer()

@@ -48,23 +48,24 @@ def accuracy(prediction):
 def run(out_dir: str, name: str, config: FreezeConfig, epochs: int) -> dict:
     model = tiny_model("bert", "seq")
     trainer = FreezeTrainer(model=model, args=training_args(Path(out_dir, name), num_train_epochs=epochs,
-                                                            per_device_train_batch_size=4, learning_rate=3e-3),
+                                                            per_device_train_batch_size=4),
                             train_dataset=token_dataset(size=40, seed=1), eval_dataset=token_dataset(size=32, seed=2),
                             data_collator=PadCollator(), freeze_config=config, compute_metrics=accuracy)
     meter = StepBytes(trainer)
     trainer.add_callback(meter)
     trainer.train()
+    stats = trainer.boundary_states.stats
+    hits, misses = stats.hits, stats.misses  # training only
     metrics = trainer.evaluate()
     digest = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         digest.update(key.encode() + value.detach().numpy().tobytes())
-    stats = trainer.boundary_states.stats
     return {
         "world_size": trainer.args.world_size,
         "boundary": frozen_boundary(model),
         "timeline": [{k: v for k, v in e.items() if k != "seconds"} for e in trainer.freeze_callback.timeline],
         "weights": digest.hexdigest(),
-        "hits": stats.hits, "misses": stats.misses,
+        "hits": hits, "misses": misses,
         "accuracy": metrics["eval_accuracy"],
         "steps": meter.steps,
         "rebuilds": trainer.active_ddp.rebuilds,
@@ -76,7 +77,7 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     result = {
-        "freeze": run(out_dir, "freeze", FreezeConfig(policy="gradnorm", interval_steps=2, cache="on"), epochs=4),
+        "freeze": run(out_dir, "freeze", FreezeConfig(policy="gradnorm", interval_steps=2, cache="on"), epochs=6),
         "stable": run(out_dir, "stable", FreezeConfig(policy="fixed", boundary=2, cache="on"), epochs=3),
         "per_epoch": run(out_dir, "per_epoch", FreezeConfig(policy="fixed", boundary=2, cache="on",
                                                             rank_stable_sharding=False), epochs=3),

@@ -17,9 +17,8 @@ import logging
 import os
 
 import torch
-from accelerate import cpu_offload, disk_offload
-from accelerate.hooks import remove_hook_from_module
-from accelerate.utils import set_module_tensor_to_device
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook, remove_hook_from_module
+from accelerate.utils import OffloadedWeightsLoader, offload_state_dict, set_module_tensor_to_device
 from torch import nn
 
 from .config import OFFLOAD_TARGETS
@@ -87,12 +86,17 @@ def offload_frozen_blocks(model: nn.Module, layout: BlockLayout, boundary: int, 
             continue
         device = execution_device(block)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        # remove the dispatch hook (if any) first: the offload hook takes over placing inputs on `device`
-        remove_hook_from_module(block, recurse=True)
         if target == "cpu":
-            cpu_offload(block, execution_device=device)
+            weights = {name: tensor.detach().to("cpu") for name, tensor in block.state_dict().items()}
         else:
-            disk_offload(block, os.path.join(offload_dir, f"block{index}"), execution_device=device)
+            folder = os.path.join(offload_dir, f"block{index}")
+            offload_state_dict(folder, block.state_dict())
+            weights = OffloadedWeightsLoader(save_folder=folder)
+        # Replace the dispatch hook (if any). The block's own hook keeps its execution device (where the states that
+        # replace it are injected) and moves inputs there; the submodules' hooks load their weights for a forward.
+        remove_hook_from_module(block, recurse=True)
+        add_hook_to_module(block, AlignDevicesHook(execution_device=device, io_same_device=True))
+        attach_align_device_hook(block, execution_device=device, offload=True, weights_map=weights)
         done[index] = (block, device)
         moved += nbytes
         freed += nbytes if device.type != "cpu" else 0

@@ -110,7 +110,10 @@ class FreezeTrainer(Trainer):
         if self.freeze_config.ddp_rebuild:
             model = self.active_ddp.wrapper_for(model, frozen_boundary(self.model))
             self.model_wrapped = model
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # under gradient accumulation the Trainer's `no_sync` names the wrapper it built, not a rebuilt one
+        accumulating = self.active_ddp.wrapper is model and not self.accelerator.sync_gradients
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self.active_ddp.after_backward(self.accelerator.sync_gradients)
         return loss
 

@@ -45,10 +45,11 @@ def accuracy(prediction):
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
 
 
-def run(out_dir: str, name: str, config: FreezeConfig, epochs: int) -> dict:
+def run(out_dir: str, name: str, config: FreezeConfig, epochs: int, accumulation: int = 1) -> dict:
     model = tiny_model("bert", "seq")
     trainer = FreezeTrainer(model=model, args=training_args(Path(out_dir, name), num_train_epochs=epochs,
-                                                            per_device_train_batch_size=4),
+                                                            per_device_train_batch_size=4,
+                                                            gradient_accumulation_steps=accumulation),
                             train_dataset=token_dataset(size=40, seed=1), eval_dataset=token_dataset(size=32, seed=2),
                             data_collator=PadCollator(), freeze_config=config, compute_metrics=accuracy)
     meter = StepBytes(trainer)
@@ -77,7 +78,9 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     result = {
-        "freeze": run(out_dir, "freeze", FreezeConfig(policy="gradnorm", interval_steps=2, cache="on"), epochs=6),
+        # two micro-batches per optimizer step: the rebuilt wrapper must still all-reduce once per step
+        "freeze": run(out_dir, "freeze", FreezeConfig(policy="gradnorm", interval_steps=2, cache="on"), epochs=8,
+                      accumulation=2),
         "stable": run(out_dir, "stable", FreezeConfig(policy="fixed", boundary=2, cache="on"), epochs=3),
         "per_epoch": run(out_dir, "per_epoch", FreezeConfig(policy="fixed", boundary=2, cache="on",
                                                             rank_stable_sharding=False), epochs=3),

@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_freeze import FreezeConfig, FreezeTrainer, freeze_prefix, frozen_boundary, get_layout
 from hf_freeze.fingerprint import prefix_fingerprint
+from hf_freeze.layout import execution_device
 from hf_freeze.offload import (
     check_trainable_placement,
     materialized_state_dict,
@@ -107,6 +108,8 @@ def test_offload_then_onload_gives_back_the_same_weights_and_forward(tmp_path):
     block_bytes = sum(p.numel() * 4 for i in range(3) for p in layout.blocks[i].parameters())
     assert moved == {"offloaded_bytes": block_bytes, "accelerator_bytes_freed": 0}  # CPU is not an accelerator
     assert all(p.device.type == "meta" for i in range(3) for p in layout.blocks[i].parameters())
+    assert all(execution_device(layout.blocks[i]) == torch.device("cpu") for i in range(3))
+    assert layout.blocks[2]._hf_hook.execution_device == torch.device("cpu")  # where injected states go
     assert prefix_fingerprint(model, layout, 3) == fingerprint
     torch.testing.assert_close(logits(model, batch), before, rtol=0, atol=0)
     assert offload_frozen_blocks(model, layout, 3, "disk", str(tmp_path)) == {"offloaded_bytes": 0,

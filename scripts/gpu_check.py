@@ -110,18 +110,30 @@ def check_device_map(out: str, train, test, collator) -> dict:
             "eval_loss_diff": abs(results["device_map"]["eval_loss"] - results["one_device"]["eval_loss"])}
 
 
-def check_memory() -> dict:
+def check_memory(out: str, train, test, collator) -> dict:
     if not CUDA:
         return {"skipped": "no GPU"}
-    net = model().cuda()
+    net = model().cuda().eval()
     freeze_prefix(net, 4)
+    batch = {k: v.cuda() for k, v in collator([test[i] for i in range(16)]).items() if k != "labels"}
+    with torch.no_grad():
+        expected = net(**batch).logits
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     moved = offload_frozen_blocks(net, get_layout(net), 4, "cpu")
     torch.cuda.synchronize()
     after = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        max_logit_diff = (net(**batch).logits - expected).abs().max().item()  # weights loaded back for a forward
+    trainer = FreezeTrainer(model=model(), args=args(f"{out}/offload", epochs=2), train_dataset=train,
+                            eval_dataset=test, data_collator=collator,
+                            freeze_config=FreezeConfig(policy="fixed", boundary=4, cache="on", offload_frozen="cpu"))
+    trainer.train()
     return {"allocated_before_mb": before / 2**20, "allocated_after_mb": after / 2**20,
-            "freed_mb": (before - after) / 2**20, "reported_freed_mb": moved["accelerator_bytes_freed"] / 2**20}
+            "freed_mb": (before - after) / 2**20, "reported_freed_mb": moved["accelerator_bytes_freed"] / 2**20,
+            "max_logit_diff_after_offload": max_logit_diff,
+            "trainer_offload_eval_loss": trainer.evaluate()["eval_loss"],
+            "trainer_offloaded": trainer.freeze_callback.timeline[0].get("accelerator_bytes_freed")}
 
 
 def check_step_time(out: str, train, collator) -> dict:
@@ -177,7 +189,7 @@ def main() -> None:
                "train_examples": n_train}
     with tempfile.TemporaryDirectory() as out:
         for name, check in (("device_map", lambda: check_device_map(out, train, test, collator)),
-                            ("memory", check_memory),
+                            ("memory", lambda: check_memory(out, train, test, collator)),
                             ("step_time", lambda: check_step_time(out, train, collator)),
                             ("cache_auto", lambda: check_auto(out, train, collator)),
                             ("bf16", lambda: check_bf16(out, train, test, collator))):

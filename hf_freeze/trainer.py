@@ -102,7 +102,15 @@ class FreezeTrainer(Trainer):
         if self.args.world_size <= 1:
             return False
         wanted = self.freeze_config.rank_stable_sharding
-        return self.freeze_config.cache != "off" if wanted is None else wanted
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if wanted is None:
+            return self.freeze_config.cache != "off" and strategy == "random"
+        if wanted and strategy != "random":
+            raise ValueError(
+                f"rank_stable_sharding=True replaces the training sampler, but train_sampling_strategy={strategy!r} "
+                "asks for another one. Use train_sampling_strategy='random' or rank_stable_sharding=False."
+            )
+        return wanted
 
     # ---- DDP over the active blocks ----
 

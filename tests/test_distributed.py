@@ -185,3 +185,24 @@ def test_missing_gradients_are_an_error_not_zero_norms():
     model = tiny_model("bert", "seq")  # no backward: as under DeepSpeed ZeRO, every p.grad is None
     with pytest.raises(RuntimeError, match="no gradient"):
         unit_gradient_norms(get_layout(model), None)
+
+
+def test_freeze_trainer_picks_rank_stable_sharding_only_where_it_applies(tmp_path, monkeypatch):
+    from helpers import PadCollator, token_dataset, training_args
+    from transformers import TrainingArguments
+
+    from hf_freeze import FreezeTrainer
+
+    def trainer(**config):
+        return FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path), data_collator=PadCollator(),
+                             train_dataset=token_dataset(size=10), freeze_config=FreezeConfig(**config))
+
+    assert not trainer(cache="on").rank_stable_sharding  # one process: nothing to keep apart
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    assert isinstance(trainer(cache="on")._get_train_sampler(), RankStableSampler)
+    assert not trainer(cache="off").rank_stable_sharding
+    assert not trainer(cache="on", rank_stable_sharding=False).rank_stable_sharding
+    grouped = trainer(cache="on", rank_stable_sharding=True)
+    grouped.args.train_sampling_strategy = "group_by_length"
+    with pytest.raises(ValueError, match="train_sampling_strategy='random' or rank_stable_sharding=False"):
+        grouped._get_train_sampler()

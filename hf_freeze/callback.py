@@ -85,6 +85,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
         self._maybe_freeze(args, state, control, model, optimizer)
+        if self.config.offload_frozen != "none" and frozen_boundary(model):  # a boundary restored from a checkpoint
+            offload_frozen_blocks(model, get_layout(model), frozen_boundary(model), self.config.offload_frozen,
+                                  self.config.offload_dir)
         check_trainable_placement(model)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

@@ -126,3 +126,16 @@ def test_offload_config_is_validated():
         FreezeConfig(offload_frozen="disk")
     with pytest.raises(ValueError, match="offload_frozen"):
         FreezeConfig(offload_frozen="gpu")
+
+
+def test_a_resumed_run_offloads_the_restored_prefix(tmp_path):
+    config = {"offload_frozen": "cpu"}
+    first = train(tiny_model("bert", "seq"), tmp_path / "run", **config)
+    first.save_model(str(tmp_path / "unused"))  # saving an offloaded model works mid-life too
+    first.args.save_strategy = "steps"
+    first._save_checkpoint(first.model, trial=None)
+    resumed = FreezeTrainer(model=tiny_model("bert", "seq", seed=1), args=first.args,
+                            train_dataset=token_dataset(size=32, seed=3), data_collator=PadCollator(),
+                            freeze_config=FreezeConfig(policy="fixed", boundary=2, cache="on", **config))
+    resumed.train(resume_from_checkpoint=True)
+    assert frozen_boundary(resumed.model) == 2 and offloaded_blocks(resumed.model) == [0, 1]

@@ -99,13 +99,14 @@ def rebuild_ddp(wrapper: nn.parallel.DistributedDataParallel, *, find_unused_par
     kwargs = dict(
         device_ids=wrapper.device_ids,
         output_device=wrapper.output_device,
-        broadcast_buffers=wrapper.broadcast_buffers,
         find_unused_parameters=wrapper.find_unused_parameters if find_unused_parameters is None
         else find_unused_parameters,
         gradient_as_bucket_view=wrapper.gradient_as_bucket_view,
         static_graph=getattr(wrapper, "static_graph", False),
         process_group=wrapper.process_group,
     )
+    if not wrapper.broadcast_buffers:  # passed only when off: torch 2.13 deprecates the argument
+        kwargs["broadcast_buffers"] = False
     cap = getattr(wrapper, "bucket_bytes_cap", None)
     if cap:
         kwargs["bucket_cap_mb"] = cap / 2**20

@@ -1,5 +1,6 @@
 """The prefix cache and the all-reduce under data parallelism: 2 ranks (torchrun, gloo on the CPU), MiniLM on a
-Rotten Tomatoes subset, the default gradnorm policy with the cache on, with and without rank-stable sharding.
+Rotten Tomatoes subset, the default gradnorm policy (or a fixed boundary) with the cache on, with and without
+rank-stable sharding.
 
 Reported per run: cache hits (state read at the current boundary), advanced (read at an older boundary and run
 through the blocks frozen since) and misses of training reads on each rank, evaluation accuracy, final boundary, and the
@@ -7,6 +8,7 @@ bytes DDP all-reduced per optimizer step at each boundary (FreezeTrainer rebuild
 communication hook counts the bytes). No timings.
 
     python benchmarks/data_parallel.py                      # 1024 train / 512 eval examples, 4 epochs
+    python benchmarks/data_parallel.py --policy fixed         # blocks 0-3 frozen from the start
     python benchmarks/data_parallel.py --train 256 --eval 64 --epochs 2 --name data_parallel_smoke
 """
 
@@ -69,7 +71,9 @@ def worker(cli) -> None:
                                     data_collator=DataCollatorWithPadding(tokenizer),
                                     compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1)
                                                                                   == p.label_ids).mean())},
-                                    freeze_config=FreezeConfig(cache="on", rank_stable_sharding=stable))
+                                    freeze_config=FreezeConfig(policy=cli.policy, cache="on",
+                                                               boundary=4 if cli.policy == "fixed" else None,
+                                                               rank_stable_sharding=stable))
             meter = BytesByBoundary(trainer)
             trainer.add_callback(meter)
             trainer.train()
@@ -88,17 +92,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=4)
     parser.add_argument("--batch-size", type=int, default=16, help="per rank")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--name", default="data_parallel_minilm")
+    parser.add_argument("--policy", choices=["gradnorm", "fixed"], default="gradnorm",
+                        help="fixed: blocks 0-3 frozen from the start (hit rates without the policy's own variation)")
+    parser.add_argument("--name", default=None, help="default: data_parallel_minilm_<policy>")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     cli = parser.parse_args()
+    cli.name = cli.name or f"data_parallel_minilm_{cli.policy}"
     if cli.worker:
         worker(cli)
         sys.stdout.flush()
         os._exit(0)  # torch 2.13 + gloo sometimes aborts in interpreter teardown (see tests/ddp_worker.py)
     with tempfile.TemporaryDirectory() as out:
         forwarded = [f"--train={cli.train}", f"--eval={cli.eval}", f"--epochs={cli.epochs}",
-                     f"--batch-size={cli.batch_size}", f"--seed={cli.seed}"]
+                     f"--batch-size={cli.batch_size}", f"--seed={cli.seed}", f"--policy={cli.policy}"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         __file__, "--worker", "--out", out, *forwarded], check=True, env=env, cwd=ROOT)
@@ -115,7 +122,7 @@ def main() -> None:
                      "all-reduce bytes/step by boundary": ", ".join(
                          f"{b}: {v:,}" for b, v in runs[0]["allreduce_bytes_by_boundary"].items())})
     title = (f"2 ranks (gloo, CPU), MiniLM, {cli.train} train / {cli.eval} eval Rotten Tomatoes examples, "
-             f"{cli.epochs:g} epochs, batch {cli.batch_size} per rank, gradnorm, cache on, seed {cli.seed}")
+             f"{cli.epochs:g} epochs, batch {cli.batch_size} per rank, {cli.policy}, cache on, seed {cli.seed}")
     columns = ["sharding", "hit rate", "reuse rate", "hits / advanced / misses (rank 0)", "accuracy %",
                "final boundary", "all-reduce bytes/step by boundary"]
     write_results(cli.name, {"stamp": stamp(), "args": vars(cli), "ranks": ranks, "rows": rows, "title": title},

@@ -7,6 +7,8 @@ MiniLM (6 blocks) on Rotten Tomatoes snippets, small subsets, so that the whole 
 3. Median step time (synchronised): full fine-tuning, boundary 4 frozen without the cache, with the cache.
 4. `cache="auto"` verdicts at boundaries 1 and 4 (reading vs recomputing, as logged).
 5. bf16 training: eval loss from the cache against recomputed, both under bf16 autocast.
+6. fp16 without clipping (`max_grad_norm=0`): the gradient norms the policy reads are unscaled (same order as an
+   fp32 run's, not multiplied by the loss scale, 65536 at the start).
 
 Without a GPU it runs the same checks on the CPU (memory check skipped) with fewer examples: a dry run.
 
@@ -36,7 +38,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hf_freeze import FreezeConfig, FreezeTrainer, assets, freeze_prefix, get_layout  # noqa: E402
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, assets, freeze_prefix, get_layout  # noqa: E402
 from hf_freeze.offload import offload_frozen_blocks  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -178,6 +180,33 @@ def check_bf16(out: str, train, test, collator) -> dict:
             / abs(computed), "eval_hits": trainer.boundary_states.stats.hits - hits_before}
 
 
+def check_fp16(out: str, train, collator) -> dict:
+    if not CUDA:
+        return {"skipped": "fp16 loss scaling needs a GPU"}
+    largest = {}
+    for name, fp16 in (("fp32", False), ("fp16", True)):
+        callback = FreezeCallback(FreezeConfig(policy="gradnorm", interval_steps=4))
+        trainer = Trainer(model=model(), args=args(f"{out}/{name}", epochs=1, fp16=fp16, max_grad_norm=0.0),
+                          train_dataset=train, data_collator=collator, callbacks=[callback])
+        seen = []
+        trainer.add_callback(_NormSpy(callback, seen))
+        trainer.train()
+        largest[name] = max(seen) if seen else None
+    return {"largest_unit_norm_fp32": largest["fp32"], "largest_unit_norm_fp16": largest["fp16"]}
+
+
+class _NormSpy(TrainerCallback):
+    """After each step, the largest per-unit gradient norm the freeze policy has accumulated so far."""
+
+    def __init__(self, callback: FreezeCallback, seen: list) -> None:
+        self.callback, self.seen = callback, seen
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        policy = self.callback.policy
+        if policy is not None and policy.window_steps:
+            self.seen.append(max(policy.window_sum) / policy.window_steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="also write the summary as JSON here")
@@ -192,7 +221,8 @@ def main() -> None:
                             ("memory", lambda: check_memory(out, train, test, collator)),
                             ("step_time", lambda: check_step_time(out, train, collator)),
                             ("cache_auto", lambda: check_auto(out, train, collator)),
-                            ("bf16", lambda: check_bf16(out, train, test, collator))):
+                            ("bf16", lambda: check_bf16(out, train, test, collator)),
+                            ("fp16", lambda: check_fp16(out, train, collator))):
             try:
                 summary[name] = check()
             except Exception as error:  # one failed check must not hide the others' results

@@ -251,20 +251,22 @@ class ActiveBlocksDDP:
         self.built_at: int | None | str = "unknown"  # boundary the current wrapper was built at
         self.rebuilds = 0
         self._drop_find_unused = False
+        self._probe = False  # look at the gradients after the first step of a wrapper
 
     def wrapper_for(self, wrapped: nn.Module, boundary: int | None) -> nn.Module:
         """The DDP wrapper to call this step (rebuilt if needed); `wrapped` itself when it is not DDP."""
         if not isinstance(wrapped, nn.parallel.DistributedDataParallel) and self.wrapper is None:
             return wrapped
-        current = self.wrapper or wrapped
+        current = self.wrapper if self.wrapper is not None else wrapped
         if self.wrapper is None and self.built_at == "unknown" and boundary is None:
             self.built_at = None
             self.meter.attach(current)
+            self._probe = True
         elif boundary != self.built_at or self._drop_find_unused:
             check_same_boundary(boundary)
             current = rebuild_ddp(current, find_unused_parameters=False if self._drop_find_unused else None)
             self.meter.attach(current)
-            self.built_at, self._drop_find_unused = boundary, False
+            self.built_at, self._drop_find_unused, self._probe = boundary, False, True
             self.rebuilds += 1
         self.wrapper = current
         return current
@@ -274,8 +276,9 @@ class ActiveBlocksDDP:
         if not sync_step or self.wrapper is None:
             return
         self.meter.end_step()
-        if self.keep_find_unused or not self.wrapper.find_unused_parameters:
+        if not self._probe or self.keep_find_unused or not self.wrapper.find_unused_parameters:
             return
+        self._probe = False
         trainable = [p for p in self.wrapper.module.parameters() if p.requires_grad]
         used = torch.tensor(float(all(p.grad is not None for p in trainable)))
         torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MIN)

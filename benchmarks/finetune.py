@@ -29,7 +29,7 @@ import torch
 from common import RESULTS, ROOT, markdown_table, stamp, write_results
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, get_layout
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, frozen_parameters, get_layout
 from hf_freeze.atomic import write_text_atomic
 from hf_freeze.optim import optimizer_state_bytes
 from hf_freeze.profiling import count_saved_tensor_bytes
@@ -102,6 +102,23 @@ class EvalTimeline(TrainerCallback):
                            **{k: v for k, v in (metrics or {}).items() if k.startswith("eval_")}})
 
 
+class AllReduceBytes(TrainerCallback):
+    """Bytes DDP would all-reduce at each optimizer step: the gradients of the parameters in its buckets.
+
+    FreezeTrainer rebuilds DDP over the active parameters after each freeze (its communication-hook meter reads
+    exactly these bytes: tests/test_distributed.py); a plain Trainer's buckets keep every parameter that trained
+    when DDP was built, frozen or not.
+    """
+
+    def __init__(self, shrinks: bool) -> None:
+        self.shrinks, self.per_step = shrinks, []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        frozen = {id(p) for p in frozen_parameters(model)} if not self.shrinks else set()
+        self.per_step.append(sum(p.numel() * p.element_size() for p in model.parameters()
+                                 if p.requires_grad or id(p) in frozen))
+
+
 def run_one(args, method: str) -> dict:
     torch.manual_seed(args.seed)
     if args.task == "classification":
@@ -123,7 +140,8 @@ def run_one(args, method: str) -> dict:
         num_blocks = get_layout(model).num_blocks
         timer = StepTimerCallback()
         evals = EvalTimeline(timer)
-        trainer = build_trainer(method, model, common, [timer, evals], num_blocks, args.task)
+        allreduce = AllReduceBytes(shrinks=method.startswith("cache"))
+        trainer = build_trainer(method, model, common, [timer, evals, allreduce], num_blocks, args.task)
         trainer.train()
         final = trainer.evaluate()
         measured = end_of_training_bytes(trainer)
@@ -138,6 +156,7 @@ def run_one(args, method: str) -> dict:
         "timeline": timeline,
         "peak_memory_mb": peak_memory_mb(),
         "num_blocks": num_blocks,
+        "allreduce_mb_per_step": sum(allreduce.per_step) / max(len(allreduce.per_step), 1) / 2**20,
         **measured,
     }
 
@@ -219,6 +238,7 @@ def report(args, results: dict) -> None:
             "final boundary": result.get("final_boundary"),
             "activations MB": result["saved_activation_mb"],
             "optimizer MB": result["optimizer_state_mb"],
+            "all-reduce MB/step": result.get("allreduce_mb_per_step"),
             "peak MB": result["peak_memory_mb"],
         }
         if full:
@@ -230,7 +250,8 @@ def report(args, results: dict) -> None:
                 row["ideal speed-up"] = full["train_seconds"] / ideal_seconds(result["boundaries"], ideal_costs)
         rows.append(row)
     columns = ["method", "train s", "speed-up", "accuracy %" if classification else "perplexity",
-               "time to target s", "ideal speed-up", "final boundary", "activations MB", "optimizer MB", "peak MB"]
+               "time to target s", "ideal speed-up", "final boundary", "activations MB", "optimizer MB",
+               "all-reduce MB/step", "peak MB"]
     info = stamp()
     target_text = "full fine-tuning accuracy - 0.5 point" if classification else "full fine-tuning perplexity + 1%"
     title = (f"Fine-tuning {args.model} ({args.task}), {args.epochs:g} epochs, batch {args.batch_size}, seed "

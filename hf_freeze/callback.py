@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -20,7 +21,9 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .config import FreezeConfig
+from .distributed import ParallelModeError, check_parallel_mode
 from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
+from .offload import check_trainable_placement, offload_frozen_blocks
 from .optim import release_parameters
 from .policy import FreezeDecision, FreezePolicy, Progress, build_policy
 from .signals import unit_gradient_norms
@@ -59,6 +62,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self.timeline: list[dict[str, Any]] = []
         self.policy: FreezePolicy | None = None
         self.resume_checkpoint: str | None = None  # set by FreezeTrainer.train(resume_from_checkpoint=...)
+        self.rebuilds_ddp = False  # FreezeTrainer sets it: it rebuilds DDP over the active blocks after each freeze
         self._model: torch.nn.Module | None = None
         self._pending_logs: dict[str, float] = {}
         self._train_start = time.perf_counter()
@@ -71,16 +75,30 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._train_start = time.perf_counter()
         layout = get_layout(model, self.config.blocks_path)
         self.policy = build_policy(self.config, layout.num_blocks)
-        _check_data_parallel(args, model)
+        check_parallel_mode(args, model, rebuilds_ddp=self.rebuilds_ddp)
+        if self.config.offload_frozen != "none" and args.world_size > 1:
+            raise ParallelModeError(
+                f"offload_frozen={self.config.offload_frozen!r} is for single-process runs (a model spread with "
+                "`device_map`); under data parallelism every rank holds a full replica. Set offload_frozen='none'."
+            )
         self._restore(args, state, model, optimizer)
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
         self._maybe_freeze(args, state, control, model, optimizer)
+        if self.config.offload_frozen != "none" and frozen_boundary(model):  # a boundary restored from a checkpoint
+            offload_frozen_blocks(model, get_layout(model), frozen_boundary(model), self.config.offload_frozen,
+                                  self.config.offload_dir)
+        check_trainable_placement(model)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.policy is not None and self.policy.needs_gradient_norms:
+            _unscale_gradients(kwargs.get("optimizer"))
             layout = get_layout(kwargs["model"])
-            self.policy.observe(unit_gradient_norms(layout, frozen_boundary(kwargs["model"])))
+            norms = unit_gradient_norms(layout, frozen_boundary(kwargs["model"]))
+            if all(n is None or math.isfinite(n) for n in norms):
+                self.policy.observe(norms)
+            else:  # an fp16 overflow: the scaler skips this step, and so does the policy
+                logger.debug("hf_freeze: non-finite gradient norms at step %d ignored.", state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"))
@@ -141,6 +159,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
             return
         result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
         self._record(decision, result, state, progress)
+        if self.config.offload_frozen != "none":
+            moved = offload_frozen_blocks(model, get_layout(model), result.boundary, self.config.offload_frozen,
+                                          self.config.offload_dir)
+            self.timeline[-1].update(moved)
+            self._pending_logs.update({f"freeze/{k}": float(v) for k, v in moved.items()})
         control.should_log = control.should_log or state.global_step > 0
 
     def _record(self, decision: FreezeDecision, result, state: TrainerState, progress: Progress) -> None:
@@ -207,13 +230,14 @@ def _same_on_every_rank(decision: FreezeDecision | None) -> FreezeDecision | Non
     return holder[0]
 
 
-def _check_data_parallel(args: TrainingArguments, model: torch.nn.Module) -> None:
-    """DDP must tolerate parameters that stop receiving gradients, or the first step after a freeze hangs."""
-    if args.world_size <= 1 or args.ddp_find_unused_parameters:
+def _unscale_gradients(optimizer: Any) -> None:
+    """Under fp16 mixed precision, unscale the gradients before they are read, unless the Trainer already did
+    (it does when it clips or measures the gradient norm); the scaler's `step` then does not unscale them again."""
+    scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer carries the GradScaler
+    if scaler is None or not scaler.is_enabled():
         return
-    checkpointing = bool(getattr(model, "is_activation_checkpointing", False)) or bool(args.activation_checkpointing)
-    if args.ddp_find_unused_parameters is False or checkpointing:
-        raise ValueError(
-            "Freezing blocks during a DistributedDataParallel run needs `find_unused_parameters=True` (frozen "
-            "parameters stop receiving gradients). Set `TrainingArguments(ddp_find_unused_parameters=True)`."
-        )
+    try:
+        scaler.unscale_(optimizer.optimizer)
+    except RuntimeError as error:
+        if "already been called" not in str(error):
+            raise

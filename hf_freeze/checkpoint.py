@@ -34,6 +34,7 @@ from .atomic import write_folder_atomic, write_text_atomic
 from .fingerprint import chain_digests, unit_digests
 from .freezing import freeze_prefix, frozen_boundary, get_layout, untied_parameters
 from .layout import BlockLayout, execution_device
+from .offload import materialized_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,9 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     """`model.state_dict()`, with tensors still shared between two names copied apart once the config no longer
     ties them: freezing unties `lm_head` from the embeddings and sets `tie_word_embeddings=False`, and a tensor the
     two heads still share (e.g. BERT's `decoder.bias` / `predictions.bias`) would otherwise be saved once and not
-    tied again on load."""
-    state = model.state_dict()
+    tied again on load. Blocks that Accelerate offloaded (`device_map`, `offload_frozen`) sit on `meta`: their real
+    weights are read from the offload hooks."""
+    state = materialized_state_dict(model)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", True):
         return state
     seen: set[int] = set()

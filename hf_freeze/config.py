@@ -16,6 +16,7 @@ TIED_WEIGHTS_MODES = ("untie", "freeze")
 CACHE_MODES = ("auto", "on", "off")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STALE_CACHE_MODES = ("rebuild", "error")
+OFFLOAD_TARGETS = ("none", "cpu", "disk")
 
 
 @dataclass
@@ -141,6 +142,35 @@ class FreezeConfig:
         },
     )
 
+    # ---- scale: device_map, data parallelism ----
+    offload_frozen: str = field(
+        default="none",
+        metadata={
+            "help": "Once blocks are frozen, move their weights off the accelerators with Accelerate's offload hooks: "
+            "'cpu' (CPU memory) or 'disk' (files in `offload_dir`); they are loaded back only for the forwards that "
+            "still run them (cache misses, evaluation). 'none' keeps them in place. Single-process runs only.",
+            "choices": OFFLOAD_TARGETS,
+        },
+    )
+    offload_dir: str | None = field(
+        default=None, metadata={"help": "Folder for offload_frozen='disk' (one sub-folder per block)."}
+    )
+    rank_stable_sharding: bool | None = field(
+        default=None,
+        metadata={
+            "help": "FreezeTrainer under data parallelism: keep each training example on the same rank for the whole "
+            "run (shuffled within the rank every epoch), so each rank's cache hits from the second epoch on. "
+            "Default: on when the cache is not 'off' and there are several ranks."
+        },
+    )
+    ddp_rebuild: bool = field(
+        default=True,
+        metadata={
+            "help": "FreezeTrainer under DDP: rebuild the DDP wrapper after each freeze so that frozen parameters "
+            "leave the gradient buckets (all-reduce shrinks with the prefix)."
+        },
+    )
+
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICY_NAMES)
         _check_choice("schedule", self.schedule, SCHEDULE_KINDS)
@@ -148,6 +178,9 @@ class FreezeConfig:
         _check_choice("cache", self.cache, CACHE_MODES)
         _check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("on_stale_cache", self.on_stale_cache, STALE_CACHE_MODES)
+        _check_choice("offload_frozen", self.offload_frozen, OFFLOAD_TARGETS)
+        if self.offload_frozen == "disk" and not self.offload_dir:
+            raise ValueError("offload_frozen='disk' needs `offload_dir`: the folder where frozen blocks are written.")
         if not 0 < self.interval <= 1:
             raise ValueError(f"`interval` is a fraction of training in (0, 1], got {self.interval}.")
         if self.interval_steps is not None and self.interval_steps < 1:

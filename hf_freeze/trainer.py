@@ -34,6 +34,7 @@ from .cache.store import PrefixCache
 from .callback import FreezeCallback
 from .checkpoint import FreezeMetadata, full_metadata, state_dict_for_save, write_metadata
 from .config import FreezeConfig
+from .distributed import ActiveBlocksDDP, RankStableSampler, check_cache_world
 from .freezing import frozen_boundary, get_layout
 from .hub import (
     PLOT_NAME,
@@ -74,7 +75,10 @@ class FreezeTrainer(Trainer):
                 "Trainer with the callback)."
             )
         self.freeze_config = freeze_config or FreezeConfig()
-        self.add_callback(FreezeCallback(self.freeze_config))
+        callback = FreezeCallback(self.freeze_config)
+        callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
+        self.add_callback(callback)
+        self.active_ddp = ActiveBlocksDDP(keep_find_unused=self.args.ddp_find_unused_parameters is not None)
         self.add_callback(_CacheMaintenance(self))
         self.data_collator = ExampleIndexCollator(self.data_collator)
         self.boundary_states: BatchCache | None = None  # created with the first cached batch
@@ -101,17 +105,58 @@ class FreezeTrainer(Trainer):
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
-        self.freeze_callback.resume_checkpoint = self._resume_checkpoint  # a restored instance starts without it
+        # a restored instance starts without these
+        self.freeze_callback.resume_checkpoint = self._resume_checkpoint
+        self.freeze_callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
 
     # ---- data: example keys ----
 
     def get_train_dataloader(self) -> DataLoader:
         with _swapped(self, "train_dataset", add_example_index(self.train_dataset, "train")):
             loader = super().get_train_dataloader()
+        shard = getattr(loader, "batch_sampler", None)
+        if isinstance(getattr(getattr(shard, "batch_sampler", None), "sampler", None), RankStableSampler):
+            shard.num_processes, shard.process_index = 1, 0  # the sampler already yields this rank's examples only
         # Optimizer steps per epoch, as Trainer counts them (the cache's store rule needs it).
         if has_length(loader):
             self._steps_per_epoch = max(math.ceil(len(loader) / self.args.gradient_accumulation_steps), 1)
         return loader
+
+    def _get_train_sampler(self, train_dataset: Any | None = None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.rank_stable_sharding and hasattr(dataset, "__len__"):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return RankStableSampler(len(dataset), self.args.world_size, self.args.process_index, seed=seed)
+        return super()._get_train_sampler(train_dataset)
+
+    @property
+    def rank_stable_sharding(self) -> bool:
+        """Whether training examples stay on one rank for the whole run (`FreezeConfig.rank_stable_sharding`)."""
+        if self.args.world_size <= 1:
+            return False
+        wanted = self.freeze_config.rank_stable_sharding
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if wanted is None:
+            return self.freeze_config.cache != "off" and strategy == "random"
+        if wanted and strategy != "random":
+            raise ValueError(
+                f"rank_stable_sharding=True replaces the training sampler, but train_sampling_strategy={strategy!r} "
+                "asks for another one. Use train_sampling_strategy='random' or rank_stable_sharding=False."
+            )
+        return wanted
+
+    # ---- DDP over the active blocks ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.freeze_config.ddp_rebuild:
+            model = self.active_ddp.wrapper_for(model, frozen_boundary(self.model))
+            self.model_wrapped = model
+        # under gradient accumulation the Trainer's `no_sync` names the wrapper it built, not a rebuilt one
+        accumulating = self.active_ddp.wrapper is model and not self.accelerator.sync_gradients
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self.active_ddp.after_backward(self.accelerator.sync_gradients)
+        return loss
 
     def get_eval_dataloader(self, eval_dataset: str | Any | None = None) -> DataLoader:
         name = f"eval/{eval_dataset}" if isinstance(eval_dataset, str) else "eval"
@@ -170,6 +215,8 @@ class FreezeTrainer(Trainer):
             runner = self._get_runner()
             directory = self.freeze_config.cache_dir
             if directory is not None and self.args.world_size > 1:
+                check_cache_world(directory, self.args.world_size, self.rank_stable_sharding,
+                                  is_main=self.is_world_process_zero())
                 directory = os.path.join(directory, f"rank{self.args.process_index}")
             cache = PrefixCache(
                 self.model,
@@ -244,7 +291,7 @@ class FreezeTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """`Trainer._save`, plus `hf_freeze.json` (boundary, prefix fingerprint, timeline) beside the weights."""
         if state_dict is None and isinstance(self.model, PreTrainedModel):
-            state_dict = state_dict_for_save(self.model)
+            state_dict = state_dict_for_save(self.model)  # offloaded blocks' real weights, tied tensors apart
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             write_metadata(output_dir or self.args.output_dir, self.freeze_metadata())
@@ -313,6 +360,8 @@ class FreezeTrainer(Trainer):
         logs.update(self.freeze_callback.pop_pending_logs())
         if self.boundary_states is not None:
             logs.update(self.boundary_states.stats.as_logs(self.boundary_states.cache))
+        if self.active_ddp.meter.step_bytes:
+            logs["ddp/allreduce_bytes_per_step"] = float(self.active_ddp.meter.step_bytes[-1])
         super().log(logs, start_time)
 
 

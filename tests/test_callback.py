@@ -1,7 +1,5 @@
 """FreezeCallback inside a plain transformers.Trainer."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from conftest import tiny_model
@@ -9,7 +7,6 @@ from helpers import LogRecorder, PadCollator, PrefixProbe, assert_prefix_shape, 
 from transformers import Trainer
 
 from hf_freeze import FreezeCallback, FreezeConfig, frozen_boundary
-from hf_freeze.callback import _check_data_parallel
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama", "mpnet"])
@@ -90,15 +87,6 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, family, head):
 
 def freeze_callback(trainer):
     return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, FreezeCallback))
-
-
-def test_data_parallel_without_unused_parameter_detection_is_refused():
-    model = SimpleNamespace(is_activation_checkpointing=False)
-    args = SimpleNamespace(world_size=2, ddp_find_unused_parameters=False, activation_checkpointing=False)
-    with pytest.raises(ValueError, match="ddp_find_unused_parameters=True"):
-        _check_data_parallel(args, model)
-    _check_data_parallel(SimpleNamespace(world_size=2, ddp_find_unused_parameters=None, activation_checkpointing=False),
-                         model)  # Trainer's default for models without checkpointing: find_unused_parameters=True
 
 
 def test_config_accepts_a_dict_as_trainer_restores_it():

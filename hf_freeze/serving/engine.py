@@ -291,6 +291,8 @@ class ServingEngine:
         for request in requests:
             if isinstance(request, GenerationRequest):
                 validate_generation(request)
+            elif task == "generate":
+                raise ServingError(f"`generate` takes `GenerationRequest`s, got {type(request).__name__}.")
             served = self.model_for(request.model, task)
             if len(request.input_ids) == 0:
                 raise ServingError("An input has no tokens; send at least one token.")

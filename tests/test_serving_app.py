@@ -112,6 +112,11 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
                                      "validation")
     truncated = httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 600, "truncate": True})
     assert truncated.status_code == 200
+    assert truncated.json() == httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 512}).json()
+    assert "truncate" in _error(httpx.post(f"{url}/predict", json={**ok, "truncate": "false"}), 422, "validation")
+    assert "vocabulary" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [5, 10**6]}), 422,
+                                  "validation")
+    _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [-1, 5]}), 422, "validation")
     assert "at most 8" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [[5, 6]] * 9}), 413,
                                  "payload_too_large")
     _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [[5, 6]] * 600}), 413, "payload_too_large")

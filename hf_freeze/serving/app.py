@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import DynamicBatcher
-from .engine import ServingEngine
+from .engine import ServedModel, ServingEngine
 from .requests import EmbedRequest, GenerationRequest, Request, ServingError
 
 _ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate"}
@@ -141,7 +141,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         if len(items) > max_client_batch_size:
             raise PayloadTooLargeError(f"{len(items)} inputs in one request; at most {max_client_batch_size}. "
                                        "Split the request.")
-        truncate = bool(body.get("truncate", False))
+        truncate = _flag(body, "truncate", False)
         out = []
         for item in items:
             if isinstance(item, str):
@@ -162,49 +162,46 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         queued.set(batcher.queued)
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 
-    def served_for(body: dict[str, Any], task: str):
+    async def parse(request: HttpRequest, task: str) -> tuple[dict[str, Any], ServedModel, list[list[int]], bool]:
+        """The body, the served model it names for `task`, its inputs as token ids, and whether it sent one."""
+        body = await body_of(request)
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise ServingError(f'"model" must be a string, got {type(name).__name__}.')
-        return engine.model_for(name, task)
+        served = engine.model_for(name, task)
+        ids, single = token_lists(body, served.max_input_tokens)
+        return body, served, ids, single
 
     @app.post("/predict")
     async def predict(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "predict")
-        ids, single = token_lists(body, served.max_input_tokens)
+        body, served, ids, single = await parse(request, "predict")
+        raw_scores = _flag(body, "raw_scores", False)
         logits = await run("predict", [Request(i, model=served.name) for i in ids])
         id2label = served.model.config.id2label
         answers = []
         for row in logits:
-            scores = row if body.get("raw_scores") else row.softmax(-1)
+            scores = row if raw_scores else row.softmax(-1)
             order = scores.argsort(descending=True).tolist()
             answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
         return answers[0] if single else answers
 
     @app.post("/embed")
     async def embed(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "embed")
-        ids, _ = token_lists(body, served.max_input_tokens)
-        normalize = bool(body.get("normalize", True))
+        body, served, ids, _ = await parse(request, "embed")
+        normalize = _flag(body, "normalize", True)
         vectors = await run("embed", [EmbedRequest(i, model=served.name, normalize=normalize) for i in ids])
         return [v.tolist() for v in vectors]
 
     @app.post("/score")
     async def score(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "score")
-        ids, single = token_lists(body, served.max_input_tokens)
+        body, served, ids, single = await parse(request, "score")
         scores = await run("score", [Request(i, model=served.name) for i in ids])
         answers = [{"token_ids": i, "logprobs": s.tolist()} for i, s in zip(ids, scores)]
         return answers[0] if single else answers
 
     @app.post("/generate")
     async def generate(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "generate")
-        ids, single = token_lists(body, served.max_input_tokens)
+        body, served, ids, single = await parse(request, "generate")
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise ServingError('"parameters" must be a JSON object.')
@@ -280,6 +277,14 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = No
 
 
 _GENERATION_PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop_token_ids"}
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean option of the body; anything but true / false is refused (`bool("false")` would be true)."""
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ServingError(f'"{name}" must be true or false, got {value!r}.')
+    return value
 
 
 def _is_int(value: Any) -> bool:

@@ -296,6 +296,11 @@ class ServingEngine:
             served = self.model_for(request.model, task)
             if len(request.input_ids) == 0:
                 raise ServingError("An input has no tokens; send at least one token.")
+            vocab = getattr(getattr(served.model, "config", None), "vocab_size", None)
+            if vocab and not all(0 <= t < vocab for t in request.input_ids):
+                bad = next(t for t in request.input_ids if not 0 <= t < vocab)
+                raise ServingError(f"Token id {bad} is outside the vocabulary of model {served.name!r} (ids 0 to "
+                                   f"{vocab - 1}); encode the text with the model's tokenizer.")
             if task == "score" and len(request.input_ids) < 2:
                 raise ServingError("Scoring needs at least two tokens (the first one is only context).")
             extra = getattr(request, "max_new_tokens", 0)

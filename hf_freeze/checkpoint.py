@@ -312,6 +312,26 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
     return model
 
 
+def is_hub_id(name: Any) -> bool:
+    """Whether `name` reads as a Hub repo id (`user/name`) rather than a local path.
+
+    Example:
+        ```python
+        is_hub_id("sentence-transformers/all-MiniLM-L6-v2"), is_hub_id("./out/suffix")  # (True, False)
+        ```
+    """
+    return (isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not Path(name).exists())
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """`from_pretrained` with the class the folder's config names (`architectures[0]`), else `AutoModel`."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls or transformers.AutoModel).from_pretrained(path, **kwargs)
+
+
 def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the checkpoint",
                layout: BlockLayout | None = None) -> None:
     """Refuse a base whose blocks or prefix fingerprint differ from what the checkpoint was trained on.
@@ -398,7 +418,7 @@ def _local_folder(directory: str | os.PathLike, revision: str | None, token: str
     """`directory` itself, or the download of the Hub repo it names."""
     if Path(directory).is_dir():
         return Path(directory)
-    if isinstance(directory, str) and directory.count("/") == 1 and not directory.startswith((".", "/", "~")):
+    if is_hub_id(directory):
         from huggingface_hub import snapshot_download
 
         try:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers.models.auto import modeling_auto
 
+from ..checkpoint import load_pretrained
 from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
@@ -408,11 +408,9 @@ def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[l
 
 
 def load_base(path: str | Path) -> nn.Module:
-    """Load a base model folder with the class its `config.json` names (`architectures[0]`), else `AutoModel`."""
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    return (cls or transformers.AutoModel).from_pretrained(path, dtype=torch.float32)
+    """Load a base model folder in fp32 with the class its `config.json` names (`architectures[0]`), else
+    `AutoModel`."""
+    return load_pretrained(path, dtype=torch.float32)
 
 
 def _tasks_of(model: nn.Module) -> tuple[str, ...]:

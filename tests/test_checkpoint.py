@@ -177,6 +177,12 @@ def test_no_metadata_and_newer_format_are_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99.*Upgrade hf_freeze"):
         read_metadata(tmp_path / "s")
+    path.write_text(path.read_text()[:40])  # cut short
+    with pytest.raises(CheckpointError, match="not valid JSON.*corrupt"):
+        read_metadata(tmp_path / "s")
+    path.write_text(json.dumps({"boundary": 2, "num_blocks": 4}))
+    with pytest.raises(CheckpointError, match=r"lacks \['blocks_path', 'suffix_only', 'architecture'\]"):
+        read_metadata(tmp_path / "s")
 
 
 def test_a_truncated_suffix_file_is_refused(tmp_path):

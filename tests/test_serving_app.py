@@ -23,6 +23,7 @@ from hf_freeze import freeze_prefix
 from hf_freeze.checkpoint import save_suffix
 from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving.cli import main
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path):
+def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path, capsys):
     base = tiny_model("bert", "seq").eval()
     base.save_pretrained(tmp_path / "base")
     finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
@@ -213,6 +214,11 @@ def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path)
     assert str(tmp_path / "stranger") in refused.stderr
     fingerprints = set(re.findall(r"\b[0-9a-f]{32}\b", refused.stderr))
     assert len(fingerprints) >= 2, refused.stderr  # both fingerprints named
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "hf_freeze.json").write_text("{")
+    assert main(["serve", "--base", str(tmp_path / "base"), "--model", f"b={tmp_path / 'broken'}"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
     port = _free_port()
     process = subprocess.Popen(_serve_command("--base", str(tmp_path / "base"), "--model", f"ft={tmp_path / 'ft'}",

@@ -71,7 +71,7 @@ def test_predict_over_http_equals_each_models_own_forward(classifier_server):
         body = {"inputs": inputs} if name is None else {"inputs": inputs, "model": name}
         answer = httpx.post(f"{url}/predict", json=body).json()
         model = models[name or "base"]
-        for ids, labels in zip(inputs, answer):
+        for ids, labels in zip(inputs, answer, strict=True):
             expected = _probs(model, ids)
             order = expected.argsort(descending=True)
             assert [x["label"] for x in labels] == [model.config.id2label[int(i)] for i in order]
@@ -259,7 +259,7 @@ def test_load_model_shares_the_base_tensors_and_detects_the_boundary_of_plain_fo
     ids = random_ids(4, 2)
     answers = engine.predict([Request(i, model=m) for m in ("suffix", "plain") for i in ids])
     with torch.no_grad():
-        for answer, i in zip(answers, ids + ids):
+        for answer, i in zip(answers, ids + ids, strict=True):
             torch.testing.assert_close(answer, finetune(input_ids=torch.tensor([i])).logits[0], rtol=TOL, atol=TOL)
     stranger = tiny_model("bert", "seq", seed=1)
     stranger.save_pretrained(tmp_path / "stranger")

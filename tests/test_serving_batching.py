@@ -33,7 +33,7 @@ def test_batches_respect_the_token_budget_and_answer_every_input(engine):
     answers = [f.result(timeout=60) for f in futures]
     batcher.stop()
     expected = engine.predict(requests)
-    for got, want in zip(answers, expected):
+    for got, want in zip(answers, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert sum(n for n, _ in batches) == 30
     assert all(tokens <= 40 for _, tokens in batches)
@@ -50,7 +50,7 @@ def test_an_input_larger_than_the_budget_runs_alone(engine):
     answers = [f.result(timeout=60) for f in futures]
     batcher.stop()
     assert batches == [(1, 20), (1, 2)]
-    for got, want in zip(answers, engine.predict([Request([5] * 20), Request([6, 7])])):
+    for got, want in zip(answers, engine.predict([Request([5] * 20), Request([6, 7])]), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -141,6 +141,18 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
     assert httpx.post(f"{dec_url}/score", json={"inputs": [5, 6, 7]}).status_code == 200
 
 
+def test_a_stopped_batcher_answers_503_instead_of_hanging():
+    app = create_app(ServingEngine(tiny_model("bert", "seq").eval()))
+    with serve_in_thread(app) as url:
+        assert httpx.post(f"{url}/predict", json={"inputs": [5, 6]}).status_code == 200
+        app.state.batcher.stop()
+        assert "not running" in _error(httpx.post(f"{url}/predict", json={"inputs": [5, 6]}, timeout=10), 503,
+                                       "unhealthy")
+        assert httpx.get(f"{url}/health").status_code == 503
+    with pytest.raises(ValueError, match="max_client_batch_size >= 1"):
+        create_app(ServingEngine(tiny_model("bert", "seq").eval()), max_client_batch_size=0)
+
+
 def test_info_and_metrics(classifier_server):
     url, engine, _ = classifier_server
     info = httpx.get(f"{url}/info").json()

@@ -16,7 +16,8 @@ Generation `parameters`: `max_new_tokens`, `do_sample`, `temperature`, `top_k`, 
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
 means the base. Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large,
-422 malformed JSON or bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded.
+422 malformed JSON or bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded,
+503 batcher not running.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class PayloadTooLargeError(ServingError):
     status = 413
 
 
+class UnavailableError(ServingError):
+    error_type = "unhealthy"
+    status = 503
+
+
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
                max_batch_tokens: int = 8192, max_client_batch_size: int = 32, max_queue: int = 1024,
                max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -66,6 +72,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         uvicorn.run(create_app(engine, tokenizer=tokenizer), host="127.0.0.1", port=8080)
         ```
     """
+    if max_client_batch_size < 1 or max_body_bytes < 1:
+        raise ValueError(f"Need max_client_batch_size >= 1 and max_body_bytes >= 1; got {max_client_batch_size}, "
+                         f"{max_body_bytes}.")
     registry = CollectorRegistry()
     requests_total = Counter("hf_freeze_requests", "HTTP requests by route and status", ["route", "status"],
                              registry=registry)
@@ -158,6 +167,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         return out, single
 
     async def run(task: str, requests: list[Request]) -> list[Any]:
+        if not batcher.alive:  # its futures would never be answered
+            raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
         futures = batcher.submit(task, requests)
         queued.set(batcher.queued)
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))

@@ -72,6 +72,10 @@ def test_inspect_a_suffix_whose_base_is_unknown_or_unreachable(tmp_path, capsys)
         capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "gone")]) == 1
     assert "base check: not done" in capsys.readouterr().out
+    metadata = tmp_path / "gone" / "hf_freeze.json"
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "format_version": 99}))
+    assert main(["inspect", str(tmp_path / "gone")]) == 1
+    assert "format version 99" in capsys.readouterr().err
 
 
 def test_train_hands_its_flags_to_the_recipe(capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect_model(args.model, base=args.base, check=not args.no_check, blocks_path=args.blocks_path)
+    from ..assets import MissingAssetError
+    from ..checkpoint import CheckpointError
+
+    try:
+        report = inspect_model(args.model, base=args.base, check=not args.no_check, blocks_path=args.blocks_path)
+    except (CheckpointError, MissingAssetError) as error:  # a corrupt or newer folder, a packaged model not installed
+        print(f"hf-freeze inspect: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     matches = report.get("base_check", {}).get("matches", True)
     return {True: 0, False: 2}.get(matches, 1)  # 2: the base differs; 1: it could not be checked

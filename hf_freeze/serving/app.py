@@ -39,19 +39,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
-from .requests import EmbedRequest, GenerationRequest, Request, ServingError
+from .requests import (
+    EmbedRequest,
+    GenerationRequest,
+    PayloadTooLargeError,
+    Request,
+    ServingError,
+    UnavailableError,
+)
 
 _ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate"}
-
-
-class PayloadTooLargeError(ServingError):
-    error_type = "payload_too_large"
-    status = 413
-
-
-class UnavailableError(ServingError):
-    error_type = "unhealthy"
-    status = 503
 
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,

@@ -18,16 +18,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .engine import ServingEngine
-from .requests import Request, ServingError
+from .requests import OverloadedError, Request
 
 logger = logging.getLogger(__name__)
-
-
-class OverloadedError(ServingError):
-    """The queue is full; retry later."""
-
-    error_type = "overloaded"
-    status = 429
 
 
 @dataclass

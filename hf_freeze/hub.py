@@ -41,7 +41,7 @@ _POLICY_KNOBS = {
 
 
 class PushError(RuntimeError):
-    """A push to the Hub could not start (no token) or the Hub refused it."""
+    """A push to the Hub could not start (no token, no connection) or the Hub refused it."""
 
 
 def evaluation_metrics(logs: dict[str, Any]) -> dict[str, float]:
@@ -186,7 +186,7 @@ def push_folder(
         `str`: the commit's URL.
 
     Raises:
-        `PushError`: no token, or the Hub refused (the message names the status and the fix).
+        `PushError`: no token, the Hub unreachable, or the Hub refused (the message names the status and the fix).
 
     Example:
         ```python
@@ -218,6 +218,10 @@ def push_folder(
                                    commit_message=commit_message, ignore_patterns=["checkpoint-*", ".*", "_*"])
     except HfHubHTTPError as error:
         raise push_error(error, repo_id) from error
+    except OSError as error:  # offline mode, no connection, a wrong HF_ENDPOINT
+        raise PushError(f"Could not reach the Hub to push {directory} to {repo_id} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}). Check the connection and HF_ENDPOINT, "
+                        "and unset HF_HUB_OFFLINE.") from error
     return commit.commit_url
 
 

@@ -4,7 +4,7 @@ A model fine-tuned with a frozen prefix (embeddings + blocks `[0, k)`) shares th
 base. `save_suffix` writes only the rest (blocks `[k, L)`, the head, untied tensors) plus the config, the tokenizer
 and `hf_freeze.json`; `load_suffix` rebuilds the model on its base after checking the base's prefix fingerprint
 (`fingerprint.prefix_fingerprint`, the same code as the cache's). `save_pretrained` writes a full checkpoint with
-the same metadata; `from_pretrained` of either folder type keeps working as usual for full checkpoints.
+the same metadata, which transformers' own `from_pretrained` still loads; a suffix-only folder needs `load_suffix`.
 
 Why functions and not a PEFT-style wrapper: the freeze state already lives on the model (`freezing.py`), the
 suffix is a plain subset of the model's own `state_dict`, and the loaded model is an ordinary transformers model

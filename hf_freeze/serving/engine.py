@@ -60,6 +60,8 @@ class ServedModel:
         tasks (`tuple[str, ...]`): what it can do (`predict`, `embed`, `score`, `generate`).
         pooling (`str`): `mean` or `cls`, for `embed`.
         parent (`str | None`): the base's name for a fine-tune.
+        runner (`PrefixRunner`): runs the model with its frozen blocks replaced by given boundary states.
+        max_input_tokens (`int | None`): the model's positions (`config.max_position_embeddings`), when it has them.
     """
 
     name: str

@@ -128,6 +128,13 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
     dec_url = decoder_server[0]
     _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"max_new_tokens": 0}}), 422,
            "validation")
+    positions = decoder_server[1].models["base"].max_input_tokens
+    long_prompt = {"inputs": [7] * positions + [5, 6], "parameters": {"max_new_tokens": 3}}
+    _error(httpx.post(f"{dec_url}/generate", json=long_prompt), 422, "validation")
+    cut = httpx.post(f"{dec_url}/generate", json={**long_prompt, "truncate": True})
+    assert cut.status_code == 200, cut.text  # the prompt's last positions - 3 tokens, ending in 5, 6
+    same = {"inputs": [7] * (positions - 5) + [5, 6], "parameters": {"max_new_tokens": 3}}
+    assert cut.json()["token_ids"] == httpx.post(f"{dec_url}/generate", json=same).json()["token_ids"]
     _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"beams": 2}}), 422,
            "validation")
     for bad in ({"temperature": "hot", "do_sample": True}, {"top_p": 2.0, "do_sample": True}, {"seed": 1.5},

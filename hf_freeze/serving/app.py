@@ -15,9 +15,11 @@ Generation `parameters`: `max_new_tokens`, `do_sample`, `temperature`, `top_k`, 
 `stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
-means the base. Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large,
-422 malformed JSON or bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded,
-503 batcher not running.
+means the base. `truncate: true` cuts an input to the model's positions: its first tokens, or for `/generate` its
+last ones, leaving room for `max_new_tokens`.
+
+Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large, 422 malformed JSON or
+bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 503 batcher not running.
 """
 
 from __future__ import annotations
@@ -136,8 +138,10 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             raise ServingError('The body must be a JSON object with "inputs" (a string, token ids, or a list).')
         return body
 
-    def token_lists(body: dict[str, Any], served_limit: int | None) -> tuple[list[list[int]], bool]:
-        """The inputs as token-id lists, and whether the request sent a single input."""
+    def token_lists(body: dict[str, Any], served_limit: int | None, keep_last: bool = False
+                    ) -> tuple[list[list[int]], bool]:
+        """The inputs as token-id lists (with `truncate`, cut to `served_limit`: the first tokens, or the last ones
+        with `keep_last`), and whether the request sent a single input."""
         inputs = body["inputs"]
         single = isinstance(inputs, str) or (isinstance(inputs, list) and all(_is_int(t) for t in inputs)
                                              and len(inputs) > 0)
@@ -159,7 +163,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             else:
                 raise ServingError(f"Each input must be a string or a list of token ids, got {type(item).__name__}.")
             if truncate and served_limit and len(ids) > served_limit:
-                ids = ids[:served_limit]
+                ids = ids[-served_limit:] if keep_last else ids[:served_limit]
             out.append(ids)
         return out, single
 
@@ -177,7 +181,12 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         if name is not None and not isinstance(name, str):
             raise ServingError(f'"model" must be a string, got {type(name).__name__}.')
         served = engine.model_for(name, task)
-        ids, single = token_lists(body, served.max_input_tokens)
+        limit = served.max_input_tokens
+        if task == "generate" and limit:  # a prompt continues from its end, and leaves room for the new tokens
+            params = body.get("parameters")
+            new = params.get("max_new_tokens", GenerationRequest.max_new_tokens) if isinstance(params, dict) else 0
+            limit = limit - new if _is_int(new) and 0 < new < limit else limit
+        ids, single = token_lists(body, limit, keep_last=task == "generate")
         return body, served, ids, single
 
     @app.post("/predict")

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from serving_helpers import perturbed_finetune, random_ids
 
-from hf_freeze.serving import Request, ServingEngine, ServingError
+from hf_freeze.serving import Request, ServingEngine, ServingError, UnavailableError
 from hf_freeze.serving.batching import DynamicBatcher, OverloadedError
 
 
@@ -61,7 +61,7 @@ def test_stop_answers_every_waiting_input_including_the_one_held_for_the_next_ba
     assert batcher._carry is not None
     batcher.stop()
     for future in futures[1:]:
-        with pytest.raises(RuntimeError, match="shutting down"):
+        with pytest.raises(UnavailableError, match="shutting down"):
             future.result(timeout=1)
     assert batcher.queued == 1  # the first input was taken into a batch (and would be answered by it)
 

@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .engine import ServingEngine
-from .requests import OverloadedError, Request
+from .requests import OverloadedError, Request, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class DynamicBatcher:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker after the batch it is running; inputs still waiting (queued, or held back for the next
-        batch) get a `RuntimeError`."""
+        batch) get an `UnavailableError` (503)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -103,7 +103,7 @@ class DynamicBatcher:
             self._pending -= len(waiting)
         for job in waiting:
             if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RuntimeError("The server is shutting down."))
+                job.future.set_exception(UnavailableError("The server is shutting down; retry later."))
 
     def submit(self, task: str, requests: Sequence[Request]) -> list[Future]:
         """Queue `requests` (validated by the engine first) for `task`; one future per request.

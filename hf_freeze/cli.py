@@ -34,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="hf-freeze",
-        description="Freeze converged blocks of Hugging Face models; inspect, push, train and serve frozen-prefix "
-                    "models.",
+        description="Freeze converged blocks of Hugging Face models; inspect, push, train and serve frozen-prefix models.",
     )
     parser.add_argument("--version", action="version", version=f"hf_freeze {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from transformers.models.auto import modeling_auto
 
-from ..checkpoint import load_pretrained
 from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
@@ -412,6 +411,8 @@ def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[l
 def load_base(path: str | Path) -> nn.Module:
     """Load a base model folder in fp32 with the class its `config.json` names (`architectures[0]`), else
     `AutoModel`."""
+    from ..checkpoint import load_pretrained
+
     return load_pretrained(path, dtype=torch.float32)
 
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, markdown_table, stamp
+from common import RESULTS, markdown_table, stamp, write_results
 
 SETTINGS = {  # task head, route, boundary, payload
     "minilm": {"boundary": 4, "route": "/predict", "head": "seq"},
@@ -177,8 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
-    from hf_freeze import assets
-    from hf_freeze.atomic import write_text_atomic
+    from hf_freeze import assets, get_layout
 
     texts = list(assets.rotten_tomatoes()["train"].shuffle(seed=0)["text"])
     rows, repeat_rows = [], []
@@ -186,8 +185,6 @@ def main() -> None:
         setting = SETTINGS[name]
         seconds = args.seconds or (8.0 if name == "minilm" else 14.0)
         path, base, finetunes, tokenizer = load_models(name, max(args.ns), setting["boundary"])
-        from hf_freeze import get_layout
-
         num_blocks = get_layout(base).num_blocks
         run_args = argparse.Namespace(**{**vars(args), "seconds": seconds})
         for n in args.ns:
@@ -225,15 +222,9 @@ def main() -> None:
         markdown_table(repeat_rows, ["model", "N", "repeat_percent", "req_s", "p50_ms", "p99_ms", "cache_hits",
                                      "cache_misses", "errors"]),
     ])
-    import json
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / f"{args.name}.json", json.dumps(payload, indent=2, default=str))
-    write_text_atomic(RESULTS / f"{args.name}.md", f"<!-- {json.dumps(payload['stamp'])} -->\n{table}\n")
+    write_results(args.name, payload, table)
     if rows:
         plot(rows, RESULTS / f"{args.name}.png")
-    print(table)
-    print(f"\nwritten to {RESULTS / args.name}.json/.md/.png")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ A model fine-tuned with a frozen prefix (embeddings + blocks `[0, k)`) shares th
 base. `save_suffix` writes only the rest (blocks `[k, L)`, the head, untied tensors) plus the config, the tokenizer
 and `hf_freeze.json`; `load_suffix` rebuilds the model on its base after checking the base's prefix fingerprint
 (`fingerprint.prefix_fingerprint`, the same code as the cache's). `save_pretrained` writes a full checkpoint with
-the same metadata; `from_pretrained` of either folder type keeps working as usual for full checkpoints.
+the same metadata, which transformers' own `from_pretrained` still loads; a suffix-only folder needs `load_suffix`.
 
 Why functions and not a PEFT-style wrapper: the freeze state already lives on the model (`freezing.py`), the
 suffix is a plain subset of the model's own `state_dict`, and the loaded model is an ordinary transformers model
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,14 +115,26 @@ def read_metadata(directory: str | os.PathLike) -> FreezeMetadata:
             "Save it with `hf_freeze.checkpoint.save_suffix` / `save_pretrained`, or load a plain checkpoint with "
             "`from_pretrained`."
         )
-    values = json.loads(path.read_text())
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}): the file is corrupt. Save the model again (or "
+                              "download the whole folder again).") from error
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path} holds {type(values).__name__}, not hf_freeze's metadata object.")
     version = values.get("format_version", 0)
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has format version {version}, newer than this hf_freeze reads ({FORMAT_VERSION}; written by "
             f"hf_freeze {values.get('library_version', '?')}). Upgrade hf_freeze: `pip install -U hf-freeze`."
         )
-    known = {f.name for f in dataclasses.fields(FreezeMetadata)}
+    fields = dataclasses.fields(FreezeMetadata)
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               and f.name not in values]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}: it is incomplete or was not written by hf_freeze. Save the "
+                              "model again.")
+    known = {f.name for f in fields}
     return FreezeMetadata(**{k: v for k, v in values.items() if k in known})
 
 
@@ -174,18 +187,15 @@ def save_suffix(
     metadata = _metadata(model, layout, boundary, suffix_only=True, tied=sorted(tied), base_model=base_model,
                          base_revision=base_revision, timeline=timeline)
 
-    def write(folder: Path) -> None:
+    def write_model(folder: Path) -> None:
         model.config.architectures = [type(model).__name__]  # as `save_pretrained` does
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: 0)():
             model.generation_config.save_pretrained(folder)
         save_file(suffix, str(folder / SUFFIX_WEIGHTS_NAME), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
         metadata.weights = {SUFFIX_WEIGHTS_NAME: (folder / SUFFIX_WEIGHTS_NAME).stat().st_size}
-        write_text_atomic(folder / METADATA_NAME, metadata.to_json())
 
-    return write_folder_atomic(directory, write, last=METADATA_NAME)
+    return _save_folder(directory, write_model, tokenizer, metadata)
 
 
 def save_pretrained(
@@ -210,16 +220,8 @@ def save_pretrained(
         `Path`: the folder.
     """
     metadata = full_metadata(model, base_model=base_model, base_revision=base_revision, timeline=timeline)
-
     save_kwargs.setdefault("state_dict", state_dict_for_save(model))
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, **save_kwargs)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        write_text_atomic(folder / METADATA_NAME, metadata.to_json())
-
-    return write_folder_atomic(directory, write, last=METADATA_NAME)
+    return _save_folder(directory, lambda folder: model.save_pretrained(folder, **save_kwargs), tokenizer, metadata)
 
 
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -314,6 +316,26 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
     return model
 
 
+def is_hub_id(name: Any) -> bool:
+    """Whether `name` reads as a Hub repo id (`user/name`) rather than a local path.
+
+    Example:
+        ```python
+        is_hub_id("sentence-transformers/all-MiniLM-L6-v2"), is_hub_id("./out/suffix")  # (True, False)
+        ```
+    """
+    return (isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not Path(name).exists())
+
+
+def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """`from_pretrained` with the class the folder's config names (`architectures[0]`), else `AutoModel`."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    return (cls or transformers.AutoModel).from_pretrained(path, **kwargs)
+
+
 def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the checkpoint",
                layout: BlockLayout | None = None) -> None:
     """Refuse a base whose blocks or prefix fingerprint differ from what the checkpoint was trained on.
@@ -347,6 +369,19 @@ def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the c
 
 
 # ---- helpers ----
+
+
+def _save_folder(directory: str | os.PathLike, write_model: Callable[[Path], None], tokenizer: Any | None,
+                 metadata: FreezeMetadata) -> Path:
+    """Write the model, the tokenizer and, last, `hf_freeze.json` into a temporary folder renamed to `directory`."""
+
+    def write(folder: Path) -> None:
+        write_model(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        write_metadata(folder, metadata)
+
+    return write_folder_atomic(directory, write, last=METADATA_NAME)
 
 
 def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, suffix_only: bool, tied: list[str],
@@ -400,7 +435,7 @@ def _local_folder(directory: str | os.PathLike, revision: str | None, token: str
     """`directory` itself, or the download of the Hub repo it names."""
     if Path(directory).is_dir():
         return Path(directory)
-    if isinstance(directory, str) and directory.count("/") == 1 and not directory.startswith((".", "/", "~")):
+    if is_hub_id(directory):
         from huggingface_hub import snapshot_download
 
         try:

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError
 
 from .atomic import write_text_atomic
-from .checkpoint import METADATA_NAME, FreezeMetadata, read_metadata
+from .checkpoint import METADATA_NAME, FreezeMetadata, is_hub_id, read_metadata
 from .config import FreezeConfig
 from .report import describe_boundary
 
@@ -41,7 +41,7 @@ _POLICY_KNOBS = {
 
 
 class PushError(RuntimeError):
-    """A push to the Hub could not start (no token) or the Hub refused it."""
+    """A push to the Hub could not start (no token, no connection) or the Hub refused it."""
 
 
 def evaluation_metrics(logs: dict[str, Any]) -> dict[str, float]:
@@ -120,7 +120,7 @@ def build_model_card(
         eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=name,
                                    metric_value=value) for name, value in metrics.items()]
     card_data = ModelCardData(
-        base_model=base if _is_hub_id(base) else None,
+        base_model=base if is_hub_id(base) else None,
         library_name="hf-freeze" if metadata.suffix_only else "transformers",
         tags=list(dict.fromkeys([*LIBRARY_TAGS, *(["suffix-only"] if metadata.suffix_only else []), *(tags or [])])),
         pipeline_tag=task,
@@ -129,7 +129,7 @@ def build_model_card(
         model_name=model_name,
         language=language,
         license=license,
-        base_model_relation=relation if _is_hub_id(base) else None,
+        base_model_relation=relation if is_hub_id(base) else None,
     )
     return ModelCard.from_template(
         card_data,
@@ -186,7 +186,7 @@ def push_folder(
         `str`: the commit's URL.
 
     Raises:
-        `PushError`: no token, or the Hub refused (the message names the status and the fix).
+        `PushError`: no token, the Hub unreachable, or the Hub refused (the message names the status and the fix).
 
     Example:
         ```python
@@ -218,6 +218,10 @@ def push_folder(
                                    commit_message=commit_message, ignore_patterns=["checkpoint-*", ".*", "_*"])
     except HfHubHTTPError as error:
         raise push_error(error, repo_id) from error
+    except OSError as error:  # offline mode, no connection, a wrong HF_ENDPOINT
+        raise PushError(f"Could not reach the Hub to push {directory} to {repo_id} ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}). Check the connection and HF_ENDPOINT, "
+                        "and unset HF_HUB_OFFLINE.") from error
     return commit.commit_url
 
 
@@ -251,14 +255,9 @@ def _template() -> str:
     return importlib.resources.files("hf_freeze.model_cards").joinpath(TEMPLATE).read_text()
 
 
-def _is_hub_id(name: str | None) -> bool:
-    """`user/name`, not a local path: only those are linked and written as `base_model`."""
-    return bool(name) and name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
-
-
 def _summary(metadata: FreezeMetadata, metrics: dict[str, float]) -> str:
     base = metadata.base_model
-    base_text = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"a local model (`{base}`)"
+    base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"a local model (`{base}`)"
     if base is None:
         base_text = "a base model that was not recorded"
     kind = (f"A suffix-only checkpoint: only blocks [{metadata.boundary}, {metadata.num_blocks}) and the head are "

@@ -14,6 +14,8 @@ from hf_freeze.checkpoint import (
     SUFFIX_WEIGHTS_NAME,
     BaseMismatchError,
     CheckpointError,
+    is_hub_id,
+    load_pretrained,
     load_suffix,
     read_metadata,
     save_pretrained,
@@ -175,6 +177,12 @@ def test_no_metadata_and_newer_format_are_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99.*Upgrade hf_freeze"):
         read_metadata(tmp_path / "s")
+    path.write_text(path.read_text()[:40])  # cut short
+    with pytest.raises(CheckpointError, match="not valid JSON.*corrupt"):
+        read_metadata(tmp_path / "s")
+    path.write_text(json.dumps({"boundary": 2, "num_blocks": 4}))
+    with pytest.raises(CheckpointError, match=r"lacks \['blocks_path', 'suffix_only', 'architecture'\]"):
+        read_metadata(tmp_path / "s")
 
 
 def test_a_truncated_suffix_file_is_refused(tmp_path):
@@ -304,3 +312,19 @@ def test_a_folder_that_is_neither_local_nor_downloadable(tmp_path):
         load_suffix("nobody/nothing-here")  # HF_HUB_OFFLINE=1 in the tests
     with pytest.raises(CheckpointError, match="neither a folder nor a Hub repo id"):
         load_suffix(str(tmp_path / "missing" / "folder"))
+
+
+def test_is_hub_id(tmp_path, monkeypatch):
+    assert is_hub_id("sentence-transformers/all-MiniLM-L6-v2")
+    for name in ("./out/suffix", "/abs/path", "~/model", "a/b/c", "gpt2", "", None, 3):
+        assert not is_hub_id(name), name
+    (tmp_path / "me" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_id("me/model")  # a local folder of that name wins
+
+
+def test_load_pretrained_uses_the_class_the_config_names(tmp_path):
+    tiny_model("bert", "seq").save_pretrained(tmp_path / "seq")
+    tiny_model("bert", "base").save_pretrained(tmp_path / "base")
+    assert type(load_pretrained(tmp_path / "seq")).__name__ == "BertForSequenceClassification"
+    assert type(load_pretrained(tmp_path / "base")).__name__ == "BertModel"

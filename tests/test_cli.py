@@ -62,8 +62,23 @@ def test_inspect_a_suffix_checks_its_base(tmp_path, capsys):
     assert "base check: skipped" in capsys.readouterr().out
 
 
+def test_inspect_a_suffix_whose_base_is_unknown_or_unreachable(tmp_path, capsys):
+    model = fine_tuned("bert", "seq")
+    model.config._name_or_path = ""
+    save_suffix(model, tmp_path / "no_base")
+    save_suffix(model, tmp_path / "gone", base_model=str(tmp_path / "deleted"))
+    assert main(["inspect", str(tmp_path / "no_base")]) == 1
+    assert "base check: not done, could not load the base: The checkpoint does not name its base" in \
+        capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "gone")]) == 1
+    assert "base check: not done" in capsys.readouterr().out
+    metadata = tmp_path / "gone" / "hf_freeze.json"
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "format_version": 99}))
+    assert main(["inspect", str(tmp_path / "gone")]) == 1
+    assert "format version 99" in capsys.readouterr().err
+
+
 def test_train_hands_its_flags_to_the_recipe(capsys):
-    pytest.importorskip("hf_freeze.training", reason="hf_freeze.training (the recipes' module) is not merged yet")
     with pytest.raises(SystemExit) as exit_:
         main(["train", "text-classification", "--help"])
     assert exit_.value.code == 0

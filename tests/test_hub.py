@@ -19,7 +19,14 @@ from test_checkpoint import fine_tuned, logits
 
 from hf_freeze import FreezeConfig
 from hf_freeze.checkpoint import read_metadata, save_pretrained, save_suffix
-from hf_freeze.hub import card_for_folder, describe_policy, evaluation_metrics, write_model_card
+from hf_freeze.hub import (
+    PushError,
+    card_for_folder,
+    describe_policy,
+    evaluation_metrics,
+    push_folder,
+    write_model_card,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -188,6 +195,15 @@ def test_push_without_a_token_or_to_a_repo_that_refuses(hub, tmp_path):
     assert "HTTP 403" in lines[1] and "write token" in lines[1]
     assert "HTTP 401" in lines[2] and "log in again" in lines[2]
     assert "refused/tiny" not in hub.repos and "user/no-token" not in hub.repos
+
+
+def test_push_while_offline_names_the_cause(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "suffix")
+    with pytest.raises(PushError, match="Could not reach the Hub.*OfflineModeIsEnabled.*unset HF_HUB_OFFLINE"):
+        push_folder(tmp_path / "suffix", "user/offline", token="hf_any")
 
 
 def test_the_push_command(hub, tmp_path):

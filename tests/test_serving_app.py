@@ -23,6 +23,7 @@ from hf_freeze import freeze_prefix
 from hf_freeze.checkpoint import save_suffix
 from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving.cli import main
 
 TOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_predict_over_http_equals_each_models_own_forward(classifier_server):
         body = {"inputs": inputs} if name is None else {"inputs": inputs, "model": name}
         answer = httpx.post(f"{url}/predict", json=body).json()
         model = models[name or "base"]
-        for ids, labels in zip(inputs, answer):
+        for ids, labels in zip(inputs, answer, strict=True):
             expected = _probs(model, ids)
             order = expected.argsort(descending=True)
             assert [x["label"] for x in labels] == [model.config.id2label[int(i)] for i in order]
@@ -112,6 +113,11 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
                                      "validation")
     truncated = httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 600, "truncate": True})
     assert truncated.status_code == 200
+    assert truncated.json() == httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 512}).json()
+    assert "truncate" in _error(httpx.post(f"{url}/predict", json={**ok, "truncate": "false"}), 422, "validation")
+    assert "vocabulary" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [5, 10**6]}), 422,
+                                  "validation")
+    _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [-1, 5]}), 422, "validation")
     assert "at most 8" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [[5, 6]] * 9}), 413,
                                  "payload_too_large")
     _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [[5, 6]] * 600}), 413, "payload_too_large")
@@ -122,6 +128,13 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
     dec_url = decoder_server[0]
     _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"max_new_tokens": 0}}), 422,
            "validation")
+    positions = decoder_server[1].models["base"].max_input_tokens
+    long_prompt = {"inputs": [7] * positions + [5, 6], "parameters": {"max_new_tokens": 3}}
+    _error(httpx.post(f"{dec_url}/generate", json=long_prompt), 422, "validation")
+    cut = httpx.post(f"{dec_url}/generate", json={**long_prompt, "truncate": True})
+    assert cut.status_code == 200, cut.text  # the prompt's last positions - 3 tokens, ending in 5, 6
+    same = {"inputs": [7] * (positions - 5) + [5, 6], "parameters": {"max_new_tokens": 3}}
+    assert cut.json()["token_ids"] == httpx.post(f"{dec_url}/generate", json=same).json()["token_ids"]
     _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"beams": 2}}), 422,
            "validation")
     for bad in ({"temperature": "hot", "do_sample": True}, {"top_p": 2.0, "do_sample": True}, {"seed": 1.5},
@@ -133,6 +146,18 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
     assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{dec_url}/health").status_code == 200
     assert httpx.post(f"{url}/predict", json=ok).status_code == 200
     assert httpx.post(f"{dec_url}/score", json={"inputs": [5, 6, 7]}).status_code == 200
+
+
+def test_a_stopped_batcher_answers_503_instead_of_hanging():
+    app = create_app(ServingEngine(tiny_model("bert", "seq").eval()))
+    with serve_in_thread(app) as url:
+        assert httpx.post(f"{url}/predict", json={"inputs": [5, 6]}).status_code == 200
+        app.state.batcher.stop()
+        assert "not running" in _error(httpx.post(f"{url}/predict", json={"inputs": [5, 6]}, timeout=10), 503,
+                                       "unhealthy")
+        assert httpx.get(f"{url}/health").status_code == 503
+    with pytest.raises(ValueError, match="max_client_batch_size >= 1"):
+        create_app(ServingEngine(tiny_model("bert", "seq").eval()), max_client_batch_size=0)
 
 
 def test_info_and_metrics(classifier_server):
@@ -192,7 +217,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path):
+def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path, capsys):
     base = tiny_model("bert", "seq").eval()
     base.save_pretrained(tmp_path / "base")
     finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
@@ -208,6 +233,11 @@ def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path)
     assert str(tmp_path / "stranger") in refused.stderr
     fingerprints = set(re.findall(r"\b[0-9a-f]{32}\b", refused.stderr))
     assert len(fingerprints) >= 2, refused.stderr  # both fingerprints named
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "hf_freeze.json").write_text("{")
+    assert main(["serve", "--base", str(tmp_path / "base"), "--model", f"b={tmp_path / 'broken'}"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
     port = _free_port()
     process = subprocess.Popen(_serve_command("--base", str(tmp_path / "base"), "--model", f"ft={tmp_path / 'ft'}",
@@ -248,7 +278,7 @@ def test_load_model_shares_the_base_tensors_and_detects_the_boundary_of_plain_fo
     ids = random_ids(4, 2)
     answers = engine.predict([Request(i, model=m) for m in ("suffix", "plain") for i in ids])
     with torch.no_grad():
-        for answer, i in zip(answers, ids + ids):
+        for answer, i in zip(answers, ids + ids, strict=True):
             torch.testing.assert_close(answer, finetune(input_ids=torch.tensor([i])).logits[0], rtol=TOL, atol=TOL)
     stranger = tiny_model("bert", "seq", seed=1)
     stranger.save_pretrained(tmp_path / "stranger")

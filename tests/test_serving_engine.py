@@ -50,7 +50,7 @@ def test_predict_equals_each_models_own_forward(family):
     engine, models = _engine(family, "seq")
     requests = _mixed(models)
     answers = engine.predict(requests)
-    for request, logits in zip(requests, answers):
+    for request, logits in zip(requests, answers, strict=True):
         expected = _own(models[request.model], request.input_ids).logits[0]
         torch.testing.assert_close(logits, expected, rtol=TOL, atol=TOL)
     # the fine-tunes really differ from the base (otherwise the comparison above proves little)
@@ -63,7 +63,7 @@ def test_predict_equals_each_models_own_forward(family):
 def test_embed_equals_pooled_own_forward(family, pooling):
     engine, models = _engine(family, "base", boundaries=(1, 3), pooling=pooling)
     requests = _mixed(models, cls=EmbedRequest, normalize=True)
-    for request, vector in zip(requests, engine.embed(requests)):
+    for request, vector in zip(requests, engine.embed(requests), strict=True):
         hidden = _own(models[request.model], request.input_ids).last_hidden_state[0]
         expected = torch.nn.functional.normalize(hidden[0] if pooling == "cls" else hidden.mean(0), dim=-1)
         torch.testing.assert_close(vector, expected, rtol=TOL, atol=TOL)
@@ -73,7 +73,7 @@ def test_embed_equals_pooled_own_forward(family, pooling):
 def test_score_equals_own_log_likelihood(family):
     engine, models = _engine(family, "causal")
     requests = _mixed(models, seed=3)
-    for request, scores in zip(requests, engine.score(requests)):
+    for request, scores in zip(requests, engine.score(requests), strict=True):
         logits = _own(models[request.model], request.input_ids).logits[0]
         expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(request.input_ids[1:])[:, None])[:, 0]
         assert scores.shape == (len(request.input_ids) - 1,)
@@ -147,7 +147,7 @@ def test_unshared_engine_gives_the_same_answers():
     separate = ServingEngine(models[None], share_prefix=False)
     separate.add_model("k2", models["k2"])
     requests = _mixed(models)
-    for a, b in zip(shared.predict(requests), separate.predict(requests)):
+    for a, b in zip(shared.predict(requests), separate.predict(requests), strict=True):
         torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
 
 
@@ -160,7 +160,7 @@ def test_repeated_inputs_hit_the_cache_and_skip_the_prefix():
     second = engine.predict(requests)
     handle.remove()
     assert engine.cache.hits == 6 and not calls  # every row from the cache: no prefix block ran
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=TOL, atol=TOL)
     assert 0 < engine.cache.nbytes <= engine.cache.max_bytes
 
@@ -218,7 +218,7 @@ def test_a_batch_split_by_length_still_equals_own_forward():
     answers = engine.predict(requests)
     handle.remove()
     assert len(calls) >= 2  # long and short inputs ran in separate prefix forwards
-    for request, logits in zip(requests, answers):
+    for request, logits in zip(requests, answers, strict=True):
         torch.testing.assert_close(logits, _own(models[request.model], request.input_ids).logits[0], rtol=TOL, atol=TOL)
 
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 from serving_helpers import perturb_suffix
+from test_real_models import REVIEWS
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_freeze import assets
@@ -16,12 +17,6 @@ from hf_freeze.serving.app import create_app, serve_in_thread
 from hf_freeze.serving.engine import load_base
 
 TOL = 1e-5
-REVIEWS = [
-    "A gorgeous, witty, seductive movie.",
-    "The plot is nothing but a tired rehash of better films, and it drags on for far too long.",
-    "Unwatchable.",
-    "Funny and touching, with a great cast that clearly enjoyed every minute of it.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +40,11 @@ def test_minilm_predict_and_embed_equal_own_forward(minilm):
     assert engine.pooling == "mean"  # from its sentence-transformers 1_Pooling/config.json
     ids = [tokenizer(text)["input_ids"] for text in REVIEWS]
     requests = [Request(i, model=name) for name in ("sst4", "sst2") for i in ids]
-    for request, logits in zip(requests, engine.predict(requests)):
+    for request, logits in zip(requests, engine.predict(requests), strict=True):
         torch.testing.assert_close(logits, models[request.model](input_ids=torch.tensor([request.input_ids])).logits[0],
                                    rtol=TOL, atol=TOL)
     requests = [EmbedRequest(i, model=name) for name in ("emb3", None) for i in ids]
-    for request, vector in zip(requests, engine.embed(requests)):
+    for request, vector in zip(requests, engine.embed(requests), strict=True):
         hidden = models[request.model or "base"](input_ids=torch.tensor([request.input_ids])).last_hidden_state[0]
         torch.testing.assert_close(vector, torch.nn.functional.normalize(hidden.mean(0), dim=-1), rtol=TOL, atol=TOL)
 
@@ -60,11 +55,11 @@ def test_minilm_over_http_with_text_inputs(minilm):
     with serve_in_thread(create_app(engine, tokenizer=tokenizer)) as url:
         answer = httpx.post(f"{url}/predict", json={"inputs": REVIEWS, "model": "sst4", "raw_scores": True}).json()
         vectors = httpx.post(f"{url}/embed", json={"inputs": REVIEWS[:2]}).json()
-    for text, labels in zip(REVIEWS, answer):
+    for text, labels in zip(REVIEWS, answer, strict=True):
         expected = models["sst4"](**tokenizer(text, return_tensors="pt")).logits[0]
         got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
         torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
-    for text, vector in zip(REVIEWS, vectors):
+    for text, vector in zip(REVIEWS[:2], vectors, strict=True):
         hidden = models["base"](**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
         expected = torch.nn.functional.normalize(hidden.mean(0), dim=-1)
         torch.testing.assert_close(torch.tensor(vector), expected, rtol=TOL, atol=TOL)
@@ -88,7 +83,7 @@ def test_smollm2_score_equals_own_forward(smollm2):
     engine, models, tokenizer = smollm2
     ids = [tokenizer(text)["input_ids"] for text in REVIEWS[:3]]
     requests = [Request(i, model=name) for name in ("k20", "k24", None) for i in ids]
-    for request, scores in zip(requests, engine.score(requests)):
+    for request, scores in zip(requests, engine.score(requests), strict=True):
         logits = models[request.model or "base"](input_ids=torch.tensor([request.input_ids])).logits[0]
         target = torch.tensor(request.input_ids[1:])[:, None]
         expected = torch.log_softmax(logits[:-1], -1).gather(-1, target)[:, 0]
@@ -102,7 +97,7 @@ def test_smollm2_greedy_generation_is_token_identical(smollm2):
     requests = [GenerationRequest(tokenizer(p)["input_ids"], model=name, max_new_tokens=8)
                 for name in ("k20", "k24", None) for p in prompts]
     results = engine.generate(requests)
-    for request, result in zip(requests, results):
+    for request, result in zip(requests, results, strict=True):
         model = models[request.model or "base"]
         ids = torch.tensor([request.input_ids])
         own = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,

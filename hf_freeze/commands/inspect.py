@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = inspect_model(args.model, base=args.base, check=not args.no_check, blocks_path=args.blocks_path)
+    from ..assets import MissingAssetError
+    from ..checkpoint import CheckpointError
+
+    try:
+        report = inspect_model(args.model, base=args.base, check=not args.no_check, blocks_path=args.blocks_path)
+    except (CheckpointError, MissingAssetError) as error:  # a corrupt or newer folder, a packaged model not installed
+        print(f"hf-freeze inspect: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0 if report.get("base_check", {}).get("matches", True) else 2
+    matches = report.get("base_check", {}).get("matches", True)
+    return {True: 0, False: 2}.get(matches, 1)  # 2: the base differs; 1: it could not be checked
 
 
 def inspect_model(name_or_path: str, *, base: str | None = None, check: bool = True,
                   blocks_path: str | None = None) -> dict[str, Any]:
     """What `hf-freeze inspect` prints, as a dict: `layout`, and for saved folders `metadata` and `base_check`."""
     from ..assets import resolve_model
-    from ..checkpoint import METADATA_NAME, BaseMismatchError, check_base, load_suffix, read_metadata, resolve_base
+    from ..checkpoint import (
+        METADATA_NAME,
+        BaseMismatchError,
+        CheckpointError,
+        check_base,
+        load_pretrained,
+        load_suffix,
+        read_metadata,
+        resolve_base,
+    )
 
     path = _saved_repo(resolve_model(name_or_path))
     report: dict[str, Any] = {"model": name_or_path}
@@ -54,7 +72,7 @@ def inspect_model(name_or_path: str, *, base: str | None = None, check: bool = T
                 report["base_check"] = {"matches": True, "base": base or metadata.base_model}
             except BaseMismatchError as error:
                 report["base_check"] = {"matches": False, "base": base or metadata.base_model, "error": str(error)}
-            except OSError as error:
+            except (OSError, CheckpointError) as error:  # offline, not found, or no base recorded
                 report["base_check"] = {"matches": None, "error": f"could not load the base: {error}"}
         if metadata.suffix_only:
             if report.get("base_check", {}).get("matches"):
@@ -62,9 +80,9 @@ def inspect_model(name_or_path: str, *, base: str | None = None, check: bool = T
             else:  # the layout of the suffix's own config, without weights
                 model = _model_from_config(path, metadata.architecture)
         else:
-            model = _load(path)
+            model = load_pretrained(path)
     else:
-        model = _load(path)
+        model = load_pretrained(path)
     report["layout"] = describe_layout(model, blocks_path)
     return report
 
@@ -130,9 +148,9 @@ def format_report(report: dict[str, Any]) -> str:
 def _saved_repo(path: str) -> str:
     """A Hub repo saved by hf_freeze (it holds `hf_freeze.json`) is downloaded and inspected as a folder; any other
     name is returned as is (a local folder, or a plain model `from_pretrained` finds)."""
-    from ..checkpoint import METADATA_NAME
+    from ..checkpoint import METADATA_NAME, is_hub_id
 
-    if Path(path).exists() or path.count("/") != 1:
+    if not is_hub_id(path):
         return path
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import EntryNotFoundError
@@ -142,15 +160,6 @@ def _saved_repo(path: str) -> str:
     except (EntryNotFoundError, OSError, ValueError):  # not saved by hf_freeze, not on the Hub, or offline
         return path
     return snapshot_download(path)
-
-
-def _load(path: str) -> Any:
-    """The model at `path` with its own class (`config.architectures`), else `AutoModel`."""
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, (getattr(config, "architectures", None) or ["AutoModel"])[0], transformers.AutoModel)
-    return cls.from_pretrained(path)
 
 
 def _model_from_config(path: str, architecture: str) -> Any:

@@ -20,10 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        from .. import training
-    except ImportError as error:
-        print(f"hf-freeze train: the recipes module `hf_freeze.training` is missing ({error}); reinstall hf-freeze.")
-        return 1
+    from .. import training
+
     getattr(training, TASKS[args.task])(list(args.recipe_args))
     return 0

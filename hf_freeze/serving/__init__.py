@@ -2,7 +2,7 @@
 batching and an HTTP app (FastAPI). `ServingEngine` needs only torch and transformers; `app` needs the `serve`
 extra (FastAPI, uvicorn, prometheus-client)."""
 
-from .batching import DynamicBatcher, OverloadedError
+from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
 from .prefix_cache import StateCache
 from .requests import (
@@ -10,8 +10,11 @@ from .requests import (
     EmbedRequest,
     GenerationRequest,
     GenerationResult,
+    OverloadedError,
+    PayloadTooLargeError,
     Request,
     ServingError,
+    UnavailableError,
     UnknownModelError,
     WrongTaskError,
 )
@@ -23,11 +26,13 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "OverloadedError",
+    "PayloadTooLargeError",
     "Request",
     "ServedModel",
     "ServingEngine",
     "ServingError",
     "StateCache",
+    "UnavailableError",
     "UnknownModelError",
     "WrongTaskError",
 ]

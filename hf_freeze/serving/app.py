@@ -15,8 +15,11 @@ Generation `parameters`: `max_new_tokens`, `do_sample`, `temperature`, `top_k`, 
 `stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
-means the base. Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large,
-422 malformed JSON or bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded.
+means the base. `truncate: true` cuts an input to the model's positions: its first tokens, or for `/generate` its
+last ones, leaving room for `max_new_tokens`.
+
+Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large, 422 malformed JSON or
+bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 503 batcher not running.
 """
 
 from __future__ import annotations
@@ -37,15 +40,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import DynamicBatcher
-from .engine import ServingEngine
-from .requests import EmbedRequest, GenerationRequest, Request, ServingError
+from .engine import ServedModel, ServingEngine
+from .requests import (
+    EmbedRequest,
+    GenerationRequest,
+    PayloadTooLargeError,
+    Request,
+    ServingError,
+    UnavailableError,
+)
 
 _ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate"}
-
-
-class PayloadTooLargeError(ServingError):
-    error_type = "payload_too_large"
-    status = 413
 
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
@@ -66,6 +71,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         uvicorn.run(create_app(engine, tokenizer=tokenizer), host="127.0.0.1", port=8080)
         ```
     """
+    if max_client_batch_size < 1 or max_body_bytes < 1:
+        raise ValueError(f"Need max_client_batch_size >= 1 and max_body_bytes >= 1; got {max_client_batch_size}, "
+                         f"{max_body_bytes}.")
     registry = CollectorRegistry()
     requests_total = Counter("hf_freeze_requests", "HTTP requests by route and status", ["route", "status"],
                              registry=registry)
@@ -130,8 +138,10 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             raise ServingError('The body must be a JSON object with "inputs" (a string, token ids, or a list).')
         return body
 
-    def token_lists(body: dict[str, Any], served_limit: int | None) -> tuple[list[list[int]], bool]:
-        """The inputs as token-id lists, and whether the request sent a single input."""
+    def token_lists(body: dict[str, Any], served_limit: int | None, keep_last: bool = False
+                    ) -> tuple[list[list[int]], bool]:
+        """The inputs as token-id lists (with `truncate`, cut to `served_limit`: the first tokens, or the last ones
+        with `keep_last`), and whether the request sent a single input."""
         inputs = body["inputs"]
         single = isinstance(inputs, str) or (isinstance(inputs, list) and all(_is_int(t) for t in inputs)
                                              and len(inputs) > 0)
@@ -141,7 +151,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         if len(items) > max_client_batch_size:
             raise PayloadTooLargeError(f"{len(items)} inputs in one request; at most {max_client_batch_size}. "
                                        "Split the request.")
-        truncate = bool(body.get("truncate", False))
+        truncate = _flag(body, "truncate", False)
         out = []
         for item in items:
             if isinstance(item, str):
@@ -153,58 +163,62 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             else:
                 raise ServingError(f"Each input must be a string or a list of token ids, got {type(item).__name__}.")
             if truncate and served_limit and len(ids) > served_limit:
-                ids = ids[:served_limit]
+                ids = ids[-served_limit:] if keep_last else ids[:served_limit]
             out.append(ids)
         return out, single
 
     async def run(task: str, requests: list[Request]) -> list[Any]:
+        if not batcher.alive:  # its futures would never be answered
+            raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
         futures = batcher.submit(task, requests)
         queued.set(batcher.queued)
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 
-    def served_for(body: dict[str, Any], task: str):
+    async def parse(request: HttpRequest, task: str) -> tuple[dict[str, Any], ServedModel, list[list[int]], bool]:
+        """The body, the served model it names for `task`, its inputs as token ids, and whether it sent one."""
+        body = await body_of(request)
         name = body.get("model")
         if name is not None and not isinstance(name, str):
             raise ServingError(f'"model" must be a string, got {type(name).__name__}.')
-        return engine.model_for(name, task)
+        served = engine.model_for(name, task)
+        limit = served.max_input_tokens
+        if task == "generate" and limit:  # a prompt continues from its end, and leaves room for the new tokens
+            params = body.get("parameters")
+            new = params.get("max_new_tokens", GenerationRequest.max_new_tokens) if isinstance(params, dict) else 0
+            limit = limit - new if _is_int(new) and 0 < new < limit else limit
+        ids, single = token_lists(body, limit, keep_last=task == "generate")
+        return body, served, ids, single
 
     @app.post("/predict")
     async def predict(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "predict")
-        ids, single = token_lists(body, served.max_input_tokens)
+        body, served, ids, single = await parse(request, "predict")
+        raw_scores = _flag(body, "raw_scores", False)
         logits = await run("predict", [Request(i, model=served.name) for i in ids])
         id2label = served.model.config.id2label
         answers = []
         for row in logits:
-            scores = row if body.get("raw_scores") else row.softmax(-1)
+            scores = row if raw_scores else row.softmax(-1)
             order = scores.argsort(descending=True).tolist()
             answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
         return answers[0] if single else answers
 
     @app.post("/embed")
     async def embed(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "embed")
-        ids, _ = token_lists(body, served.max_input_tokens)
-        normalize = bool(body.get("normalize", True))
+        body, served, ids, _ = await parse(request, "embed")
+        normalize = _flag(body, "normalize", True)
         vectors = await run("embed", [EmbedRequest(i, model=served.name, normalize=normalize) for i in ids])
         return [v.tolist() for v in vectors]
 
     @app.post("/score")
     async def score(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "score")
-        ids, single = token_lists(body, served.max_input_tokens)
+        body, served, ids, single = await parse(request, "score")
         scores = await run("score", [Request(i, model=served.name) for i in ids])
         answers = [{"token_ids": i, "logprobs": s.tolist()} for i, s in zip(ids, scores)]
         return answers[0] if single else answers
 
     @app.post("/generate")
     async def generate(request: HttpRequest) -> Any:
-        body = await body_of(request)
-        served = served_for(body, "generate")
-        ids, single = token_lists(body, served.max_input_tokens)
+        body, served, ids, single = await parse(request, "generate")
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise ServingError('"parameters" must be a JSON object.')
@@ -280,6 +294,14 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = No
 
 
 _GENERATION_PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop_token_ids"}
+
+
+def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
+    """A boolean option of the body; anything but true / false is refused (`bool("false")` would be true)."""
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ServingError(f'"{name}" must be true or false, got {value!r}.')
+    return value
 
 
 def _is_int(value: Any) -> bool:

@@ -8,6 +8,7 @@ refuses inputs beyond `max_queue` (the server answers 429) rather than letting l
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -17,14 +18,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .engine import ServingEngine
-from .requests import GenerationRequest, Request, ServingError
+from .requests import OverloadedError, Request, UnavailableError
 
-
-class OverloadedError(ServingError):
-    """The queue is full; retry later."""
-
-    error_type = "overloaded"
-    status = 429
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,16 +87,23 @@ class DynamicBatcher:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker after the batch it is running; inputs still queued get a `RuntimeError`."""
+        """Stop the worker after the batch it is running; inputs still waiting (queued, or held back for the next
+        batch) get an `UnavailableError` (503)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        waiting = [self._carry] if self._carry is not None else []
+        self._carry = None
         while True:
             try:
-                job = self._queue.get_nowait()
+                waiting.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-            job.future.set_exception(RuntimeError("The server is shutting down."))
+        with self._pending_lock:
+            self._pending -= len(waiting)
+        for job in waiting:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(UnavailableError("The server is shutting down; retry later."))
 
     def submit(self, task: str, requests: Sequence[Request]) -> list[Future]:
         """Queue `requests` (validated by the engine first) for `task`; one future per request.
@@ -153,18 +156,26 @@ class DynamicBatcher:
                 self._run(task, jobs)
 
     def _run(self, task: str, jobs: list[_Job]) -> None:
-        try:
-            requests = [job.request for job in jobs]
-            if task == "generate":
-                results = self.engine.generate([r for r in requests if isinstance(r, GenerationRequest)])
-            else:
-                results = getattr(self.engine, task)(requests)
-            if self.on_batch is not None:
-                self.on_batch(task, len(jobs), sum(job.tokens for job in jobs))
-        except Exception as error:  # answer every waiting client, then keep serving
-            results = [error] * len(jobs)
         with self._pending_lock:
             self._pending -= len(jobs)
+        # A client that went away cancelled its future (asyncio.wrap_future does): its input is not run.
+        jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        try:
+            requests = [job.request for job in jobs]
+            run = self.engine.generate if task == "generate" else getattr(self.engine, task)
+            results = run(requests)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"The engine answered {len(results)} of {len(jobs)} {task} inputs.")
+        except Exception as error:  # answer every waiting client, then keep serving
+            results = [error] * len(jobs)
+        else:
+            if self.on_batch is not None:
+                try:  # a metrics hook must neither fail the answers nor stop the worker
+                    self.on_batch(task, len(jobs), sum(job.tokens for job in jobs))
+                except Exception:
+                    logger.exception("on_batch failed")
         for job, result in zip(jobs, results):
             if isinstance(result, Exception):
                 job.future.set_exception(result)

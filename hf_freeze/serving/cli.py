@@ -53,6 +53,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
     from ..assets import resolve_model
+    from ..checkpoint import CheckpointError
     from .app import create_app
     from .engine import ServingEngine
     from .requests import BaseMismatchServingError
@@ -72,10 +73,13 @@ def serve(args: argparse.Namespace) -> int:
         engine = ServingEngine.from_pretrained(
             base_path, models, base_name=args.base_name, pooling=args.pooling,
             cache_bytes=int(args.cache_mb * 2**20), share_prefix=not args.no_share_prefix)
-    except BaseMismatchServingError as error:
+    except (BaseMismatchServingError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = create_app(engine, tokenizer=_tokenizer(base_path), max_wait_ms=args.max_wait_ms,
+    tokenizer = _tokenizer(base_path)
+    if tokenizer is None:
+        print(f"note: {base_path} has no tokenizer; the server takes token ids only, not text.", file=sys.stderr)
+    app = create_app(engine, tokenizer=tokenizer, max_wait_ms=args.max_wait_ms,
                      max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
                      max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
 from transformers.models.auto import modeling_auto
 
@@ -60,6 +59,8 @@ class ServedModel:
         tasks (`tuple[str, ...]`): what it can do (`predict`, `embed`, `score`, `generate`).
         pooling (`str`): `mean` or `cls`, for `embed`.
         parent (`str | None`): the base's name for a fine-tune.
+        runner (`PrefixRunner`): runs the model with its frozen blocks replaced by given boundary states.
+        max_input_tokens (`int | None`): the model's positions (`config.max_position_embeddings`), when it has them.
     """
 
     name: str
@@ -291,9 +292,16 @@ class ServingEngine:
         for request in requests:
             if isinstance(request, GenerationRequest):
                 validate_generation(request)
+            elif task == "generate":
+                raise ServingError(f"`generate` takes `GenerationRequest`s, got {type(request).__name__}.")
             served = self.model_for(request.model, task)
             if len(request.input_ids) == 0:
                 raise ServingError("An input has no tokens; send at least one token.")
+            vocab = getattr(getattr(served.model, "config", None), "vocab_size", None)
+            if vocab and not all(0 <= t < vocab for t in request.input_ids):
+                bad = next(t for t in request.input_ids if not 0 <= t < vocab)
+                raise ServingError(f"Token id {bad} is outside the vocabulary of model {served.name!r} (ids 0 to "
+                                   f"{vocab - 1}); encode the text with the model's tokenizer.")
             if task == "score" and len(request.input_ids) < 2:
                 raise ServingError("Scoring needs at least two tokens (the first one is only context).")
             extra = getattr(request, "max_new_tokens", 0)
@@ -401,11 +409,11 @@ def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[l
 
 
 def load_base(path: str | Path) -> nn.Module:
-    """Load a base model folder with the class its `config.json` names (`architectures[0]`), else `AutoModel`."""
-    config = transformers.AutoConfig.from_pretrained(path)
-    names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
-    return (cls or transformers.AutoModel).from_pretrained(path, dtype=torch.float32)
+    """Load a base model folder in fp32 with the class its `config.json` names (`architectures[0]`), else
+    `AutoModel`."""
+    from ..checkpoint import load_pretrained
+
+    return load_pretrained(path, dtype=torch.float32)
 
 
 def _tasks_of(model: nn.Module) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""What the engine takes and returns, and the errors it refuses requests with (each carries its HTTP status)."""
+"""What the engine takes and returns, and the errors the engine, the batcher and the app refuse requests with
+(each carries its HTTP status)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,27 @@ class UnknownModelError(ServingError):
 class WrongTaskError(ServingError):
     error_type = "wrong_task"
     status = 424
+
+
+class PayloadTooLargeError(ServingError):
+    """The request body or its client batch is over the server's limit; split the request."""
+
+    error_type = "payload_too_large"
+    status = 413
+
+
+class OverloadedError(ServingError):
+    """The queue is full; retry later."""
+
+    error_type = "overloaded"
+    status = 429
+
+
+class UnavailableError(ServingError):
+    """The batcher is not running; retry later."""
+
+    error_type = "unhealthy"
+    status = 503
 
 
 class BaseMismatchServingError(ValueError):

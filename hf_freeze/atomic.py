@@ -15,6 +15,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -39,6 +40,7 @@ def write_folder_atomic(directory: str | os.PathLike, write: Callable[[Path], No
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the saved folder is an ordinary folder
         write(tmp)
         if not directory.exists():
             os.replace(tmp, directory)
@@ -54,3 +56,10 @@ def write_folder_atomic(directory: str | os.PathLike, write: Callable[[Path], No
         return directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

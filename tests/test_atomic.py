@@ -47,3 +47,16 @@ def test_a_failed_write_leaves_the_old_file_whole_and_no_temp_file(tmp_path, mon
         write_text_atomic(path, "new contents " * 1000)
     assert path.read_text() == "old complete contents"
     assert os.listdir(tmp_path) == ["index.json"]
+
+
+def test_files_and_folders_get_the_usual_permissions(tmp_path):
+    """Temp files and folders are private (0600 / 0700); what they become must be ordinary (umask applies)."""
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "card.md", "text")
+        atomic.write_folder_atomic(tmp_path / "model", lambda folder: (folder / "weights").write_text("w"),
+                                   last="weights")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "card.md").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

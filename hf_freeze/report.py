@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -119,12 +120,7 @@ def plot_timeline(records: list[StepRecord], path: str | Path, title: str = "hf_
     labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
     ax.legend(lines, labels, loc="upper right")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path, dpi=120)
 
 
 def plot_boundary_timeline(timeline: list[dict[str, Any]], path: str | Path, *, num_blocks: int, max_steps: int,
@@ -147,9 +143,21 @@ def plot_boundary_timeline(timeline: list[dict[str, Any]], path: str | Path, *, 
     ax.set_ylabel("frozen blocks (-1: none, 0: embeddings)")
     ax.set_ylim(-1.5, num_blocks + 0.5)
     ax.set_title(title)
-    fig.tight_layout()
+    return _save_figure(fig, path, dpi=100)
+
+
+def _save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
+    """Write `fig` to `path` (PNG) through a temporary file renamed into place, then close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

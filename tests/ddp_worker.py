@@ -4,7 +4,7 @@ Three runs in one launch (process start-up dominates on a small CPU):
 - `freeze`: gradnorm freezes mid-run, cache on, DDP rebuilt over the active blocks; per optimizer step, the
   all-reduced bytes and the bytes of the parameters that trained in it; the logged loss curve and the dataset
   positions of every micro-batch, which `single_process_replay` (run by the test, outside torchrun) trains on in one
-  process with the same global batch;
+  process with the same global batch; without dropout, so that the two differ by rounding only;
 - `stable` / `per_epoch`: a fixed boundary with the cache on, with and without rank-stable sharding: cache hits,
   misses and evaluation accuracy;
 - then every rank calls `check_same_boundary` with its own rank number, which must refuse.

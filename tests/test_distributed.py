@@ -55,7 +55,7 @@ def single(ranks, tmp_path_factory):
     expects the model to divide by the global label count, `num_items_in_batch`); BERT's classifier divides by its
     own batch, so the ranks' logged loss and gradients are 2x the single process's. AdamW ignores a constant
     gradient scale, but gradient clipping does not: the ranks clip at `max_grad_norm` (1.0) of the doubled gradient,
-    so the run they equal clips at 0.5 (with 1.0 this run's losses drift up to 0.3% away by its end)."""
+    so the run they equal clips at 0.5 (with 1.0 this run's losses drift about 0.3% away by its end)."""
     from ddp_worker import single_process_replay
 
     ddp = ranks[0]["freeze"]

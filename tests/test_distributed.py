@@ -19,6 +19,7 @@ from hf_freeze.freezing import get_layout
 from hf_freeze.signals import unit_gradient_norms
 
 HERE = Path(__file__).parent
+TOLERANCE = 1e-3  # relative, per logged step: see the loss-curve test
 
 
 # ---- two processes ----
@@ -44,6 +45,50 @@ def test_two_ranks_freeze_the_same_prefix_and_stay_identical(ranks):
     assert runs[0]["boundary"] == runs[1]["boundary"] is not None
     assert runs[0]["weights"] == runs[1]["weights"], "replicas diverged"
     assert all(r["hits"] > 0 for r in runs)
+
+
+@pytest.fixture(scope="module")
+def single(ranks, tmp_path_factory):
+    """The `freeze` run in this process (world size 1), global batch 8, on the micro-batches the ranks trained on.
+
+    transformers 5.24 multiplies the loss of a DDP run by the world size when the model's forward takes **kwargs (it
+    expects the model to divide by the global label count, `num_items_in_batch`); BERT's classifier divides by its
+    own batch, so the ranks' logged loss and gradients are 2x the single process's. AdamW ignores a constant
+    gradient scale, but gradient clipping does not: the ranks clip at `max_grad_norm` (1.0) of the doubled gradient,
+    so the run they equal clips at 0.5 (with 1.0 this run's losses drift about 0.3% away by its end)."""
+    from ddp_worker import single_process_replay
+
+    ddp = ranks[0]["freeze"]
+    return single_process_replay(str(tmp_path_factory.mktemp("single")), [r["freeze"]["batches"] for r in ranks],
+                                 max_grad_norm=ddp["max_grad_norm"] / ddp["loss_scale"])
+
+
+def test_each_epoch_the_ranks_train_on_every_example_once_and_keep_their_own(ranks):
+    batches = [r["freeze"]["batches"] for r in ranks]
+    assert len(batches[0]) == len(batches[1]) == 40  # 8 epochs x 5 micro-batches of 4 per rank
+    shards = []
+    for epoch in range(8):
+        seen = [[i for batch in b[epoch * 5:(epoch + 1) * 5] for i in batch] for b in batches]
+        assert sorted(seen[0] + seen[1]) == list(range(40)), f"epoch {epoch}"
+        shards.append([set(s) for s in seen])
+    assert all(s == shards[0] for s in shards)  # rank-stable sharding (the cache is on)
+
+
+def test_loss_curve_stays_close_to_the_single_process_run(ranks, single):
+    ddp = ranks[0]["freeze"]
+    assert single["world_size"] == 1 and [e["step"] for e in ddp["logs"]] == [e["step"] for e in single["logs"]]
+    assert (ddp["loss_scale"], single["loss_scale"]) == (2, 1)  # see `single`
+    scale = ddp["loss_scale"]
+    losses = [(e["loss"] / scale, s["loss"]) for e, s in zip(ddp["logs"], single["logs"])]
+    norms = [(e["grad_norm"] / scale, s["grad_norm"]) for e, s in zip(ddp["logs"], single["logs"])]
+    assert len(losses) >= 10 and losses[-1][1] < losses[0][1]  # it trains
+    # same examples, no dropout: the runs differ by rounding only (other padded lengths and reduction orders, grown
+    # through 24 AdamW steps: at most 1e-5 in the loss and 1e-4 in the gradient norm here). TOLERANCE leaves 10x
+    # room and still catches a clip at the wrong threshold (0.3% in the loss, 1% in the gradient norm).
+    assert [a for a, _ in losses] == pytest.approx([b for _, b in losses], rel=TOLERANCE)
+    assert [a for a, _ in norms] == pytest.approx([b for _, b in norms], rel=TOLERANCE)
+    assert [(e["step"], e["boundary"]) for e in ddp["timeline"]] == [(e["step"], e["boundary"])
+                                                                       for e in single["timeline"]]
 
 
 def test_all_reduced_bytes_are_the_trainable_parameters_and_fall_with_the_boundary(ranks):

@@ -20,11 +20,11 @@ requests repeat an earlier input. SmolLM2's mixed workload runs at the smallest 
 (`--all-mixed-points` for every N).
 
 Results (JSON + md + PNG, written atomically) go to benchmarks/results/serving.*. The default run takes about
-9 minutes on 2 CPU cores (under 12):
+10 minutes on 2 CPU cores (under 12):
 
     OMP_NUM_THREADS=2 python benchmarks/serving.py
 
-A quick check that it works (about 1.5 minutes): `python benchmarks/serving.py --models minilm --ns 1 2
+A quick check that it works (about 1 minute): `python benchmarks/serving.py --models minilm --ns 1 2
 --seconds 2 --repeats 0 90 --name serving_check`.
 """
 

@@ -1,21 +1,31 @@
 """Serving N fine-tunes of one base: as N separate models, or through the frozen prefix they share.
 
 For each packaged model (MiniLM fine-tunes frozen at k = 4 of 6 blocks, SmolLM2 fine-tunes frozen at k = 20 of 30)
-and N = 1, 2, 4, 8 fine-tunes, a uvicorn server on 127.0.0.1 serves them (a) with `share_prefix=False` (each model's
-full forward on its rows) and (b) with the shared prefix; the repeated-input cache is off for both. A closed-loop
-async client (`--clients` connections, each sending its next request when the last is answered) sends Rotten
-Tomatoes snippets, each to a fine-tune drawn uniformly, for `--seconds` after a short warm-up. MiniLM requests are
-`POST /predict`, SmolLM2 requests `POST /score` (one forward each). Reported: throughput, p50/p99 latency, and the
-gain of (b) over (a) against the ideal N*L / (k + N(L - k)) block-forwards ratio. Then, at the largest N with the
-shared prefix and the cache on, throughput when 0%, 50%, 90% of requests repeat an earlier input.
+and N fine-tunes, a uvicorn server on 127.0.0.1 serves them (a) with `share_prefix=False` (each model's full
+forward on its rows) and (b) with the shared prefix; the repeated-input cache is off for both. A closed-loop async
+client keeps `--clients` requests in flight for `--seconds` after a short warm-up, in two workloads:
+
+- `mixed`: each request sends its own Rotten Tomatoes snippet to one fine-tune drawn uniformly (N = 1, 2, 4, 8).
+- `fanout`: each query sends one snippet to all N fine-tunes at once (N concurrent requests, one per fine-tune;
+  `--clients // N` queries in flight), as a multi-task server answers one input with N task heads (N = 2, 4, 8;
+  at N = 1 it is the mixed workload).
+
+MiniLM requests are `POST /predict`, SmolLM2 requests `POST /score` (one forward each). Throughput counts answered
+requests per second in both workloads. Reported: throughput, p50/p99 request latency, and the gain of (b) over (a)
+against the ideal N*L / (k + N(L - k)) block-forwards ratio, with the fraction of the ideal reached. The ideal is
+reachable only where (b) does less row-work than (a): on a CPU, whose cost grows with rows, that is the fanout
+workload (one prefix row per query for N fine-tunes); in the mixed workload every row still needs k + (L - k)
+blocks. Then, at the largest N with the shared prefix and the cache on, mixed throughput when 0%, 50%, 90% of
+requests repeat an earlier input. SmolLM2's mixed workload runs at the smallest and largest N only
+(`--all-mixed-points` for every N).
 
 Results (JSON + md + PNG, written atomically) go to benchmarks/results/serving.*. The default run takes about
-8 minutes on 2 CPU cores:
+10 minutes on 2 CPU cores (under 12):
 
     OMP_NUM_THREADS=2 python benchmarks/serving.py
 
-A quick check that it works (about 1 minute): `python benchmarks/serving.py --models minilm --ns 1 2 --seconds 2
---repeats 0 90 --name serving_check`.
+A quick check that it works (about 1 minute): `python benchmarks/serving.py --models minilm --ns 1 2
+--seconds 2 --repeats 0 90 --name serving_check`.
 """
 
 from __future__ import annotations
@@ -31,10 +41,11 @@ from pathlib import Path
 import torch
 from common import RESULTS, markdown_table, stamp, write_results
 
-SETTINGS = {  # task head, route, boundary, payload
-    "minilm": {"boundary": 4, "route": "/predict", "head": "seq"},
-    "smollm2": {"boundary": 20, "route": "/score", "head": "causal"},
+SETTINGS = {  # task head, route, boundary, measured seconds per point, mixed workload at every N or the ends only
+    "minilm": {"boundary": 4, "route": "/predict", "head": "seq", "seconds": 6.0, "mixed_ends_only": False},
+    "smollm2": {"boundary": 20, "route": "/score", "head": "causal", "seconds": 12.0, "mixed_ends_only": True},
 }
+WORKLOADS = ("mixed", "fanout")
 
 
 def ideal_gain(n: int, num_blocks: int, boundary: int) -> float:
@@ -69,8 +80,11 @@ def load_models(name: str, count: int, boundary: int):
 
 
 def measure(url: str, route: str, models: list[str], texts, clients: int, seconds: float, warmup: float,
-            repeat_fraction: float = 0.0, hot: int = 64, seed: int = 0) -> dict:
-    """Closed loop: `clients` connections send requests back to back; counts those finished in the window."""
+            workload: str = "mixed", repeat_fraction: float = 0.0, hot: int = 64, seed: int = 0) -> dict:
+    """Closed loop with `clients` requests in flight; counts the requests answered in the window.
+
+    `mixed`: each of `clients` loops sends one text to one fine-tune drawn uniformly. `fanout`: each of
+    `clients // len(models)` loops sends one text to every fine-tune at once and waits for all the answers."""
     import httpx
 
     rng = random.Random(seed)
@@ -87,22 +101,26 @@ def measure(url: str, route: str, models: list[str], texts, clients: int, second
         sent.append(text)
         return text
 
-    async def client(http: httpx.AsyncClient, stop_at: float) -> None:
+    async def post(http: httpx.AsyncClient, text: str, model: str, started: float) -> None:
         nonlocal errors
+        response = await http.post(route, json={"inputs": text, "model": model, "truncate": True})
+        if response.status_code != 200:
+            errors += 1
+        elif state["measuring"]:
+            latencies.append(time.perf_counter() - started)
+
+    async def client(http: httpx.AsyncClient, stop_at: float) -> None:
         while time.perf_counter() < stop_at:
-            body = {"inputs": next_text(), "model": rng.choice(models), "truncate": True}
-            started = time.perf_counter()
-            response = await http.post(route, json=body)
-            if response.status_code != 200:
-                errors += 1
-            elif state["measuring"]:
-                latencies.append(time.perf_counter() - started)
+            text, started = next_text(), time.perf_counter()
+            targets = models if workload == "fanout" else [rng.choice(models)]
+            await asyncio.gather(*(post(http, text, model, started) for model in targets))
 
     async def run() -> float:
+        loops = max(1, clients // len(models)) if workload == "fanout" else clients
         async with httpx.AsyncClient(base_url=url, timeout=120,
                                      limits=httpx.Limits(max_connections=clients)) as http:
             start = time.perf_counter()
-            tasks = [asyncio.create_task(client(http, start + warmup + seconds)) for _ in range(clients)]
+            tasks = [asyncio.create_task(client(http, start + warmup + seconds)) for _ in range(loops)]
             await asyncio.sleep(warmup)
             state["measuring"] = True
             window_start = time.perf_counter()
@@ -111,14 +129,15 @@ def measure(url: str, route: str, models: list[str], texts, clients: int, second
 
     elapsed = asyncio.run(run())
     ordered = sorted(latencies)
-    return {"requests": len(latencies), "seconds": round(elapsed, 2), "throughput": len(latencies) / elapsed,
+    return {"workload": workload, "requests": len(latencies), "seconds": round(elapsed, 2),
+            "throughput": len(latencies) / elapsed,
             "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
             "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
             "errors": errors}
 
 
 def serve_and_measure(base, finetunes, tokenizer, path, share: bool, cache_bytes: int, args, route: str,
-                      texts, repeat_fraction: float = 0.0) -> dict:
+                      texts, workload: str = "mixed", repeat_fraction: float = 0.0) -> dict:
     from hf_freeze.serving import ServingEngine
     from hf_freeze.serving.app import create_app, serve_in_thread
 
@@ -130,7 +149,8 @@ def serve_and_measure(base, finetunes, tokenizer, path, share: bool, cache_bytes
     app = create_app(engine, tokenizer=tokenizer, max_wait_ms=args.max_wait_ms,
                      max_batch_tokens=args.max_batch_tokens, max_queue=4 * args.clients)
     with serve_in_thread(app) as url:
-        result = measure(url, route, names, texts, args.clients, args.seconds, args.warmup, repeat_fraction)
+        result = measure(url, route, names, texts, args.clients, args.seconds, args.warmup, workload,
+                         repeat_fraction)
     result["cache_hits"], result["cache_misses"] = engine.cache.hits, engine.cache.misses
     return result
 
@@ -145,13 +165,17 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
     for ax, name in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == name]
-        ns = [r["N"] for r in mine]
-        ax.plot(ns, [r["ideal_gain"] for r in mine], "k--", marker="o", label="ideal N*L/(k+N(L-k))")
-        ax.plot(ns, [r["gain"] for r in mine], marker="s", label="measured (throughput)")
+        ideal = sorted({(r["N"], r["ideal_gain"]) for r in mine})
+        ax.plot([n for n, _ in ideal], [g for _, g in ideal], "k--", marker="o", label="ideal N*L/(k+N(L-k))")
+        for workload, marker in zip(WORKLOADS, "sD"):
+            points = sorted((r["N"], r["gain"]) for r in mine if r["workload"] == workload)
+            if points:
+                ax.plot([n for n, _ in points], [g for _, g in points], marker=marker, label=f"measured: {workload}")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(f"{name}: shared prefix vs N separate models")
         ax.set_xlabel("fine-tunes served (N)")
         ax.set_ylabel("throughput gain")
-        ax.set_xticks(ns)
+        ax.set_xticks([n for n, _ in ideal])
         ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -160,43 +184,58 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def points(name: str, ns: list[int], all_mixed: bool) -> list[tuple[str, int]]:
+    """(workload, N) settings to run: fanout at N >= 2 (at N = 1 it is the mixed workload); SmolLM2's mixed
+    workload at the smallest and largest N unless `all_mixed`."""
+    mixed = ns if all_mixed or not SETTINGS[name]["mixed_ends_only"] else sorted({min(ns), max(ns)})
+    return [("mixed", n) for n in mixed] + [("fanout", n) for n in ns if n > 1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=sorted(SETTINGS))
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of fine-tunes")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent closed-loop connections")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--all-mixed-points", action="store_true", help="SmolLM2's mixed workload at every N too")
+    parser.add_argument("--clients", type=int, default=32, help="requests in flight (closed loop)")
     parser.add_argument("--seconds", type=float, default=None,
-                        help="measured window per setting (default: 8 for minilm, 14 for smollm2)")
+                        help="measured window per setting (default: 6 for minilm, 12 for smollm2)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each window")
     parser.add_argument("--repeats", type=int, nargs="*", default=[0, 50, 90],
-                        help="percent of repeated inputs for the cache runs (at the largest N, shared)")
+                        help="percent of repeated inputs for the cache runs (mixed, at the largest N, shared)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--name", default="serving", help="results file name in benchmarks/results/")
     args = parser.parse_args()
+    if min(args.ns) < 1 or args.clients < max(args.ns):
+        parser.error(f"Need every N >= 1 and --clients >= the largest N ({max(args.ns)}): a fanout query keeps N "
+                     "requests in flight.")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
     from hf_freeze import assets, get_layout
 
     texts = list(assets.rotten_tomatoes()["train"].shuffle(seed=0)["text"])
     rows, repeat_rows = [], []
+    started = time.perf_counter()
     for name in args.models:
         setting = SETTINGS[name]
-        seconds = args.seconds or (8.0 if name == "minilm" else 14.0)
         path, base, finetunes, tokenizer = load_models(name, max(args.ns), setting["boundary"])
         num_blocks = get_layout(base).num_blocks
-        run_args = argparse.Namespace(**{**vars(args), "seconds": seconds})
-        for n in args.ns:
+        run_args = argparse.Namespace(**{**vars(args), "seconds": args.seconds or setting["seconds"]})
+        for workload, n in points(name, sorted(set(args.ns)), args.all_mixed_points):
+            if workload not in args.workloads:
+                continue
             result = {}
             for mode, share in (("separate", False), ("shared", True)):
-                offset = (2 * n + share) * 1000 % len(texts)  # different snippets per run: no warm OS caches
+                # different snippets per run: no warm OS caches
+                offset = (4 * n + 2 * (workload == "fanout") + share) * 1000 % len(texts)
                 result[mode] = serve_and_measure(base, finetunes[:n], tokenizer, path, share, 0, run_args,
-                                                 setting["route"], texts[offset:] + texts[:offset])
-                print(name, n, mode, result[mode], flush=True)
+                                                 setting["route"], texts[offset:] + texts[:offset], workload)
+                print(name, workload, n, mode, result[mode], flush=True)
             gain = result["shared"]["throughput"] / result["separate"]["throughput"]
             ideal = ideal_gain(n, num_blocks, setting["boundary"])
-            row = {"model": name, "L": num_blocks, "k": setting["boundary"], "N": n}
+            row = {"model": name, "workload": workload, "L": num_blocks, "k": setting["boundary"], "N": n}
             for mode in ("separate", "shared"):
                 row[f"{mode}_req_s"] = result[mode]["throughput"]
                 row[f"{mode}_p50_ms"] = result[mode]["p50_ms"]
@@ -214,11 +253,12 @@ def main() -> None:
                                 "errors": result["errors"]})
         del base, finetunes
 
-    payload = {"stamp": stamp(), "args": vars(args), "rows": rows, "repeats": repeat_rows}
+    payload = {"stamp": stamp(), "args": vars(args), "minutes": round((time.perf_counter() - started) / 60, 1),
+               "rows": rows, "repeats": repeat_rows}
     table = "\n\n".join([
-        markdown_table(rows, ["model", "L", "k", "N", "separate_req_s", "shared_req_s", "separate_p50_ms",
-                              "shared_p50_ms", "separate_p99_ms", "shared_p99_ms", "gain", "ideal_gain",
-                              "gain_vs_ideal", "errors"]),
+        markdown_table(rows, ["model", "workload", "L", "k", "N", "separate_req_s", "shared_req_s",
+                              "separate_p50_ms", "shared_p50_ms", "separate_p99_ms", "shared_p99_ms", "gain",
+                              "ideal_gain", "gain_vs_ideal", "errors"]),
         markdown_table(repeat_rows, ["model", "N", "repeat_percent", "req_s", "p50_ms", "p99_ms", "cache_hits",
                                      "cache_misses", "errors"]),
     ])

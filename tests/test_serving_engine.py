@@ -142,6 +142,57 @@ def test_a_mixed_batch_runs_the_shared_prefix_once():
         handle.remove()
 
 
+def _count_rows(module):
+    """Rows of every forward of `module` (the batch size of its output)."""
+    rows = []
+
+    def hook(_module, _args, output):
+        rows.append((output[0] if isinstance(output, tuple) else output).shape[0])
+
+    return rows, module.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_the_same_input_for_several_finetunes_runs_the_prefix_once(family):
+    base = tiny_model(family, "seq").eval()
+    engine = ServingEngine(base, cache_bytes=0, max_padding=None)
+    separate = ServingEngine(base, cache_bytes=0, share_prefix=False)
+    boundaries = {"a": 2, "b": 2, "c": 3, "d": 3}  # two fine-tunes at k = 2, two at k = 3 (advanced from 2)
+    models = {name: perturbed_finetune(family, "seq", k, seed=20 + i, base=base)
+              for i, (name, k) in enumerate(boundaries.items())}
+    for name in models:
+        engine.add_model(name, models[name])
+        separate.add_model(name, models[name])
+    ids, other = random_ids(2, 11, min_len=5)
+    expected = {(name, tuple(x)): _own(model, x).logits[0] for name, model in models.items() for x in (ids, other)}
+    engine.predict([Request(ids, model=m) for m in models])  # warm-up: the runners learn their blocks' outputs
+    separate.predict([Request(ids, model=m) for m in models])
+    block0, h0 = _count_rows(get_layout(base).blocks[0])
+    block2, h2 = _count_rows(get_layout(base).blocks[2])
+    own_prefix = {name: _count_rows(get_layout(model).blocks[0]) for name, model in models.items()}
+    fanout = [Request(ids, model=m) for m in models]
+    answers = engine.predict(fanout)
+    assert block0 == [1]  # one prefix row for the four fine-tunes
+    assert block2 == [1]  # and one row advanced from k = 2 to k = 3 for c and d
+    assert all(rows == [] for rows, _ in own_prefix.values())
+    for request, logits in zip(fanout, answers, strict=True):
+        torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
+    assert not torch.allclose(answers[0], answers[1], atol=1e-3)  # the fine-tunes' answers really differ
+
+    block0.clear()
+    mixed = fanout + [Request(other, model="a"), Request(other, model="b")]
+    for request, logits in zip(mixed, engine.predict(mixed), strict=True):
+        torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
+    assert block0 == [2]  # one row per distinct input
+
+    block0.clear()
+    for request, logits in zip(fanout, separate.predict(fanout), strict=True):  # the baseline: full forwards
+        torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
+    assert block0 == [] and all(rows == [1] for rows, _ in own_prefix.values())
+    for handle in [h0, h2, *(h for _, h in own_prefix.values())]:
+        handle.remove()
+
+
 def test_unshared_engine_gives_the_same_answers():
     shared, models = _engine("qwen2", "seq", boundaries=(2,))
     separate = ServingEngine(models[None], share_prefix=False)

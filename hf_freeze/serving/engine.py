@@ -4,7 +4,9 @@ A fine-tune frozen at boundary `k` has the base's own embeddings and blocks `[0,
 requests for several such models, the engine runs the base's prefix once for every row up to the smallest
 boundary present, advances each group of rows with a larger boundary from there, and then runs each model's own
 forward with its frozen blocks replaced by those states (`PrefixRunner.inject_states`): one suffix forward per
-model present. Everything goes through the models' own `forward`, so there is no per-family code.
+model present. Rows with the same token ids (one text sent to several fine-tunes) run the prefix and each advance
+once, and their states go to every model that needs them. Everything goes through the models' own `forward`, so
+there is no per-family code.
 
 Generation shares the frozen layers at every decoding step, KV cache included (`generation.py`). Requests,
 results and errors are in `requests.py`; the repeated-input cache in `prefix_cache.py`.
@@ -341,51 +343,58 @@ class ServingEngine:
 
     def _boundary_states(self, requests: Sequence[Request]) -> dict[int, torch.Tensor]:
         """Unpadded `[tokens, hidden]` states at its model's boundary, for each request whose model shares the
-        prefix: from the repeated-input cache, else computed (prefix to the smallest boundary, then advanced)."""
-        states: dict[int, torch.Tensor] = {}
-        missing: dict[int, int] = {}  # request index -> boundary
+        prefix: from the repeated-input cache, else computed (prefix to the smallest boundary, then advanced).
+
+        Requests with the same token ids (the same text sent to several fine-tunes) share one row of the prefix
+        and of each advance: their states at a boundary are the same tensor. The cache is read once per distinct
+        (boundary, token ids) of the batch."""
+        wanted: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)  # (boundary, ids) -> requests
         for i, request in enumerate(requests):
             served = self.models[self._name(request)]
-            if not self._shares(served):
-                continue
-            key = (self.fingerprint, served.boundary, tuple(int(t) for t in request.input_ids))
-            cached = self.cache.get(key) if self.cache.max_bytes else None
+            if self._shares(served):
+                wanted[(served.boundary, tuple(int(t) for t in request.input_ids))].append(i)
+        found: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        missing: dict[tuple[int, ...], set[int]] = defaultdict(set)  # distinct input -> boundaries to compute
+        for boundary, ids in wanted:
+            cached = self.cache.get((self.fingerprint, boundary, ids)) if self.cache.max_bytes else None
             if cached is not None:
-                states[i] = cached
+                found[(boundary, ids)] = cached
             else:
-                missing[i] = served.boundary
-        missing_rows = list(missing)
-        if not missing_rows:
-            return states
-        for bucket in _length_buckets([len(requests[i].input_ids) for i in missing_rows], self.max_padding):
-            self._compute_states(requests, [missing_rows[j] for j in bucket], missing, states)
-        return states
+                missing[ids].add(boundary)
+        inputs = list(missing)
+        for bucket in _length_buckets([len(ids) for ids in inputs], self.max_padding):
+            found.update(self._compute_states({inputs[j]: missing[inputs[j]] for j in bucket}))
+        return {i: found[key] for key, indices in wanted.items() for i in indices}
 
-    def _compute_states(self, requests: Sequence[Request], rows: list[int], boundaries: Mapping[int, int],
-                        states: dict[int, torch.Tensor]) -> None:
-        """Run the base's prefix once for `rows` up to their smallest boundary, advance the rows with larger
-        boundaries from there (one forward per boundary), and keep (and cache) each row's unpadded states."""
+    def _compute_states(self, boundaries: Mapping[tuple[int, ...], set[int]]
+                        ) -> dict[tuple[int, tuple[int, ...]], torch.Tensor]:
+        """States of each distinct input (one row each) at each of its `boundaries`: the base's prefix runs once
+        up to the smallest boundary, then the rows that need a larger one advance from there (one forward per
+        boundary). Returns (and caches) unpadded states keyed by (boundary, token ids)."""
+        inputs = list(boundaries)
         device = execution_device(self.base_layout.embeddings[0])
-        inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(self.base), device)
-        inputs.update(_no_cache_kwargs(self.base))
-        k_min = min(boundaries[i] for i in rows)
-        shared = self.base_runner.boundary_states(inputs, k_min)
+        batch = _right_padded(inputs, pad_token_id(self.base), device)
+        batch.update(_no_cache_kwargs(self.base))
+        k_min = min(min(b) for b in boundaries.values())
+        shared = self.base_runner.boundary_states(batch, k_min)
         by_boundary: dict[int, list[int]] = defaultdict(list)
-        for row, i in enumerate(rows):
-            by_boundary[boundaries[i]].append(row)
+        for row, ids in enumerate(inputs):
+            for boundary in boundaries[ids]:
+                by_boundary[boundary].append(row)
+        computed: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         for boundary, group in sorted(by_boundary.items()):
             if boundary == k_min:
-                computed = shared[group]
+                states = shared[group]
             else:
                 index = torch.tensor(group, device=shared.device)
-                sub = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-                computed = self.base_runner.boundary_states(sub, boundary, start=(k_min, shared[index]))
-            for row, states_row in zip(group, computed):
-                i = rows[row]
-                states[i] = states_row[: len(requests[i].input_ids)].detach()
+                sub = {k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                states = self.base_runner.boundary_states(sub, boundary, start=(k_min, shared[index]))
+            for row, states_row in zip(group, states):
+                ids = inputs[row]
+                computed[(boundary, ids)] = states_row[: len(ids)].detach()
                 if self.cache.max_bytes:
-                    key = (self.fingerprint, boundary, tuple(int(t) for t in requests[i].input_ids))
-                    self.cache.put(key, states[i].clone())
+                    self.cache.put((self.fingerprint, boundary, ids), computed[(boundary, ids)].clone())
+        return computed
 
 
 def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[list[int]]:

@@ -186,6 +186,7 @@ def save_suffix(
     }
     metadata = _metadata(model, layout, boundary, suffix_only=True, tied=sorted(tied), base_model=base_model,
                          base_revision=base_revision, timeline=timeline)
+    _warn_if_prefix_trained(metadata)
 
     def write_model(folder: Path) -> None:
         model.config.architectures = [type(model).__name__]  # as `save_pretrained` does
@@ -551,3 +552,18 @@ def _load_suffix_tensors(model: nn.Module, suffix: dict[str, torch.Tensor], meta
         state = model.state_dict(keep_vars=True)
         for name, tensor in suffix.items():
             state[name].copy_(tensor)
+
+
+def _warn_if_prefix_trained(metadata: FreezeMetadata) -> None:
+    """A prefix frozen after training began (an automatic policy) holds trained weights, not the base's: the suffix
+    then loads only onto a model holding that trained prefix, and `load_suffix` refuses the original base."""
+    late = [event for event in metadata.timeline if event.get("step", 0) > 0]
+    if late:
+        logger.warning(
+            "hf_freeze: the frozen prefix trained for %d optimizer steps before it froze (%s), so it is not %s's "
+            "prefix: this suffix loads only onto a model that holds the trained prefix (e.g. the full checkpoint "
+            "that `save_pretrained` writes), and `load_suffix` will refuse the original base. To share the base's "
+            "prefix, freeze before the first step (`FreezeConfig(policy='fixed', boundary=k)`).",
+            late[0]["step"], ", ".join(f"step {e['step']}: boundary {e['boundary']}" for e in late),
+            metadata.base_model or "the base",
+        )

@@ -328,3 +328,14 @@ def test_load_pretrained_uses_the_class_the_config_names(tmp_path):
     tiny_model("bert", "base").save_pretrained(tmp_path / "base")
     assert type(load_pretrained(tmp_path / "seq")).__name__ == "BertForSequenceClassification"
     assert type(load_pretrained(tmp_path / "base")).__name__ == "BertModel"
+
+
+def test_a_prefix_that_trained_before_it_froze_is_named_when_saving_a_suffix(tmp_path, caplog):
+    """An automatic policy freezes after training began: the suffix then cannot bind to the original base."""
+    model = fine_tuned("bert", "seq")
+    with caplog.at_level("WARNING", logger="hf_freeze.checkpoint"):
+        save_suffix(model, tmp_path / "fixed", timeline=[{"step": 0, "boundary": BOUNDARY}])
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="hf_freeze.checkpoint"):
+        save_suffix(model, tmp_path / "late", timeline=[{"step": 128, "boundary": BOUNDARY}])
+    assert "trained for 128 optimizer steps before it froze" in caplog.text and "policy='fixed'" in caplog.text

@@ -259,12 +259,13 @@ class BatchCache:
 
         for start_boundary, rows in sorted(to_advance.items()):
             start = _pad([per_example[i] for i in rows], kept[rows], self._dtype(boundary), device)
-            states = self.runner.boundary_states(_rows(model_inputs, rows), boundary, start=(start_boundary, start))
+            sub_batch = _rows(model_inputs, rows, len(kept))
+            states = self.runner.boundary_states(sub_batch, boundary, start=(start_boundary, start))
             self._keep(per_example, rows, states, kept, keys, digests, boundary, store)
             self.stats.advanced += len(rows)
         if missing:
             started = _now(device)
-            states = self.runner.boundary_states(_rows(model_inputs, missing), boundary)
+            states = self.runner.boundary_states(_rows(model_inputs, missing, len(kept)), boundary)
             elapsed = _now(device) - started
             tokens = int(kept[missing].sum())
             self.stats.compute_seconds += elapsed
@@ -333,9 +334,9 @@ def _kept_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
     return torch.ones(reference.shape[:2], dtype=torch.bool)
 
 
-def _rows(inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
-    """The sub-batch of examples `rows` (tensors whose first dimension is the batch are indexed)."""
-    batch = _kept_positions(inputs).shape[0]
+def _rows(inputs: Mapping[str, Any], rows: list[int], batch: int) -> dict[str, Any]:
+    """The sub-batch of examples `rows` of a batch of `batch` (tensors whose first dimension is `batch` are
+    indexed)."""
     if rows == list(range(batch)):
         return dict(inputs)
     index = torch.tensor(rows)

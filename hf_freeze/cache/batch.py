@@ -286,10 +286,14 @@ class BatchCache:
     def _keep(self, per_example, rows, states, kept, keys, digests, boundary, store) -> None:
         self.state_dtype = states.dtype
         states = states.detach()
-        for row, i in enumerate(rows):
-            per_example[i] = states[row][kept[i].to(states.device)]
+        # The kept positions are a prefix of each row (`_kept_positions`), so a slice selects them without a
+        # mask copied to the device; the stored copies come back to the CPU in one transfer, not one per example.
+        lengths = kept[rows].sum(dim=1).tolist()
+        on_cpu = states.to("cpu") if store else None
+        for row, (i, length) in enumerate(zip(rows, lengths)):
+            per_example[i] = states[row, :length]
             if store:
-                stored = self.cache.put(int(keys[i]), digests[i], boundary, per_example[i])
+                stored = self.cache.put(int(keys[i]), digests[i], boundary, on_cpu[row, :length])
                 self.stats.stored += stored
                 self.stats.not_stored += not stored
 
@@ -317,7 +321,8 @@ def _now(device: torch.device) -> float:
 
 
 def _kept_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token.
+    """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token (a
+    prefix of each row, which `BatchCache._keep` relies on).
 
     Trailing padding is dropped (no real token reads it). Leading padding is kept: it is part of the example's
     digest, and a left-padded causal LM predicts its first real token from the last padding position, so those

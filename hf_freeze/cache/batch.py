@@ -359,5 +359,10 @@ def _pad(
     """Scatter `[tokens_i, hidden]` states into a zero `[batch, seq, hidden]` tensor at the kept positions."""
     hidden = next(s for s in per_example if s is not None).shape[-1]
     out = torch.zeros(*kept.shape, hidden, dtype=dtype, device=device)
-    out[kept.to(device)] = torch.cat([s.to(device, dtype) for s in per_example])  # type: ignore[union-attr]
+    parts: list[torch.Tensor] = per_example  # type: ignore[assignment]
+    if len({(s.device, s.dtype) for s in parts}) == 1:
+        flat = torch.cat(parts).to(device, dtype)  # e.g. all cache hits: one transfer to the device, not one each
+    else:
+        flat = torch.cat([s.to(device, dtype) for s in parts])
+    out[kept.to(device)] = flat
     return out

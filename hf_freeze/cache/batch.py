@@ -231,7 +231,8 @@ class BatchCache:
         device = execution_device(self.runner.layout.blocks[boundary - 1])
 
         read_started = _now(device)
-        entries = [self.cache.get(key, digest, boundary) for key, digest in zip(keys.tolist(), digests)]
+        key_list: list[int] = keys.tolist()  # read back once: the Trainer may have moved the keys to the device
+        entries = [self.cache.get(key, digest, boundary) for key, digest in zip(key_list, digests)]
         if not store and all(entry is None for entry in entries):
             return None  # nothing to read, nothing to keep: the plain forward does the same work for less
         per_example: list[torch.Tensor | None] = [None] * len(digests)
@@ -261,7 +262,7 @@ class BatchCache:
             start = _pad([per_example[i] for i in rows], kept[rows], self._dtype(boundary), device)
             sub_batch = _rows(model_inputs, rows, len(kept))
             states = self.runner.boundary_states(sub_batch, boundary, start=(start_boundary, start))
-            self._keep(per_example, rows, states, kept, keys, digests, boundary, store)
+            self._keep(per_example, rows, states, kept, key_list, digests, boundary, store)
             self.stats.advanced += len(rows)
         if missing:
             started = _now(device)
@@ -271,7 +272,7 @@ class BatchCache:
             self.stats.compute_seconds += elapsed
             self.stats.computed_tokens += tokens
             self._record(boundary, compute=elapsed / max(tokens, 1))
-            self._keep(per_example, missing, states, kept, keys, digests, boundary, store)
+            self._keep(per_example, missing, states, kept, key_list, digests, boundary, store)
             self.stats.misses += len(missing)
         return _pad(per_example, kept, self._dtype(boundary), device)
 
@@ -293,7 +294,7 @@ class BatchCache:
         for row, (i, length) in enumerate(zip(rows, lengths)):
             per_example[i] = states[row, :length]
             if store:
-                stored = self.cache.put(int(keys[i]), digests[i], boundary, on_cpu[row, :length])
+                stored = self.cache.put(keys[i], digests[i], boundary, on_cpu[row, :length])
                 self.stats.stored += stored
                 self.stats.not_stored += not stored
 

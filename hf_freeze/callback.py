@@ -85,9 +85,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
         self._maybe_freeze(args, state, control, model, optimizer)
-        if self.config.offload_frozen != "none" and frozen_boundary(model):  # a boundary restored from a checkpoint
-            offload_frozen_blocks(model, get_layout(model), frozen_boundary(model), self.config.offload_frozen,
-                                  self.config.offload_dir)
+        self._offload(model)  # a boundary restored from a checkpoint, or frozen before training
         check_trainable_placement(model)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -159,12 +157,19 @@ class FreezeCallback(TrainerCallback, ExportableState):
             return
         result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
         self._record(decision, result, state, progress)
-        if self.config.offload_frozen != "none":
-            moved = offload_frozen_blocks(model, get_layout(model), result.boundary, self.config.offload_frozen,
-                                          self.config.offload_dir)
+        moved = self._offload(model)
+        if moved is not None:
             self.timeline[-1].update(moved)
             self._pending_logs.update({f"freeze/{k}": float(v) for k, v in moved.items()})
         control.should_log = control.should_log or state.global_step > 0
+
+    def _offload(self, model: torch.nn.Module) -> dict[str, int] | None:
+        """Move the frozen blocks off their device when `offload_frozen` asks for it; what was moved, or `None`."""
+        boundary = frozen_boundary(model)
+        if self.config.offload_frozen == "none" or boundary is None:
+            return None
+        return offload_frozen_blocks(model, get_layout(model), boundary, self.config.offload_frozen,
+                                     self.config.offload_dir)
 
     def _record(self, decision: FreezeDecision, result, state: TrainerState, progress: Progress) -> None:
         event = {

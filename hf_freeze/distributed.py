@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from .atomic import write_text_atomic
+from .freezing import uses_activation_checkpointing
 
 CACHE_WORLD_FILE = "world.json"
 
@@ -71,7 +72,7 @@ def check_parallel_mode(args: Any, model: nn.Module | None = None, *, rebuilds_d
         )
     if getattr(args, "world_size", 1) <= 1 or rebuilds_ddp or args.ddp_find_unused_parameters:
         return
-    checkpointing = bool(getattr(model, "is_activation_checkpointing", False)) or bool(
+    checkpointing = uses_activation_checkpointing(model) or bool(
         getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
     if args.ddp_find_unused_parameters is False or checkpointing:
         raise ParallelModeError(

@@ -20,26 +20,25 @@ def unit_gradient_norms(layout: BlockLayout, boundary: int | None) -> list[float
             live elsewhere, as under DeepSpeed ZeRO, or no backward yet): reading them as 0.0 would make a
             gradient policy freeze everything it may.
     """
-    norms: list[float | None] = [None] * units_of(boundary)
+    frozen = units_of(boundary)
     trainable = False
-    for unit in range(units_of(boundary), layout.num_units):
+    unit_norms: list[torch.Tensor | None] = []  # on the gradients' devices: read back once, not once per tensor
+    for unit in range(frozen, layout.num_units):
         params = [p for m in layout.unit_modules(unit) for p in m.parameters()]
         trainable = trainable or any(p.requires_grad for p in params)
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
-            norms.append(0.0)
+            unit_norms.append(None)
             continue
-        per_tensor = [torch.linalg.vector_norm(g.detach().float()).cpu() for g in grads]
-        norms.append(float(torch.linalg.vector_norm(torch.stack(per_tensor))))
-    if trainable and all(n == 0.0 for n in norms[units_of(boundary):]) and not _any_grad(layout, boundary):
+        device = grads[0].device
+        per_tensor = torch.stack([torch.linalg.vector_norm(g.detach().float()).to(device) for g in grads])
+        unit_norms.append(torch.linalg.vector_norm(per_tensor))
+    measured = [n for n in unit_norms if n is not None]
+    if trainable and not measured:
         raise RuntimeError(
             "No active block has a gradient (every `p.grad` is None) where hf_freeze reads them. Gradients sharded "
             "away from `p.grad` (DeepSpeed ZeRO, FSDP) are not supported: use DDP, or a policy that reads no "
             "gradients (`policy='schedule'` or `'fixed'`)."
         )
-    return norms
-
-
-def _any_grad(layout: BlockLayout, boundary: int | None) -> bool:
-    return any(p.grad is not None for u in range(units_of(boundary), layout.num_units)
-               for m in layout.unit_modules(u) for p in m.parameters())
+    values = iter(torch.stack([n.to(measured[0].device) for n in measured]).tolist() if measured else [])
+    return [None] * frozen + [0.0 if n is None else next(values) for n in unit_norms]

@@ -115,6 +115,18 @@ def test_byte_budget_is_respected(tmp_path, caplog):
     assert "reached its budget" in caplog.text
 
 
+def test_disk_cache_compacts_dead_bytes_to_make_room(tmp_path):
+    one = states().numel() * 4
+    cache = make_cache(directory=tmp_path / "disk", max_bytes=int(2.5 * one))
+    assert cache.put(1, DIGEST, 2, states()) and cache.put(2, DIGEST, 2, states())
+    assert cache.put(1, DIGEST, 2, states(tokens=3, fill=3.0))  # another size: over budget until compacted
+    assert cache.nbytes == one + states(tokens=3).numel() * 4  # entry 1's old bytes were reclaimed
+    assert torch.equal(cache.get(1, DIGEST, 2).states, states(tokens=3, fill=3.0))
+    assert torch.equal(cache.get(2, DIGEST, 2).states, states())
+    assert not cache.put(3, DIGEST, 2, states())  # the live entries leave no room, compacted or not
+    assert cache.store.live_bytes == sum(entry["nbytes"] for entry in cache.store.index.values())
+
+
 @pytest.mark.parametrize("budget", [0, -1])
 def test_budget_must_be_positive(budget):
     with pytest.raises(ValueError, match="must be positive"):

@@ -231,7 +231,8 @@ class BatchCache:
         device = execution_device(self.runner.layout.blocks[boundary - 1])
 
         read_started = _now(device)
-        entries = [self.cache.get(key, digest, boundary) for key, digest in zip(keys.tolist(), digests)]
+        key_list: list[int] = keys.tolist()  # read back once: the Trainer may have moved the keys to the device
+        entries = [self.cache.get(key, digest, boundary) for key, digest in zip(key_list, digests)]
         if not store and all(entry is None for entry in entries):
             return None  # nothing to read, nothing to keep: the plain forward does the same work for less
         per_example: list[torch.Tensor | None] = [None] * len(digests)
@@ -259,18 +260,19 @@ class BatchCache:
 
         for start_boundary, rows in sorted(to_advance.items()):
             start = _pad([per_example[i] for i in rows], kept[rows], self._dtype(boundary), device)
-            states = self.runner.boundary_states(_rows(model_inputs, rows), boundary, start=(start_boundary, start))
-            self._keep(per_example, rows, states, kept, keys, digests, boundary, store)
+            sub_batch = _rows(model_inputs, rows, len(kept))
+            states = self.runner.boundary_states(sub_batch, boundary, start=(start_boundary, start))
+            self._keep(per_example, rows, states, kept, key_list, digests, boundary, store)
             self.stats.advanced += len(rows)
         if missing:
             started = _now(device)
-            states = self.runner.boundary_states(_rows(model_inputs, missing), boundary)
+            states = self.runner.boundary_states(_rows(model_inputs, missing, len(kept)), boundary)
             elapsed = _now(device) - started
             tokens = int(kept[missing].sum())
             self.stats.compute_seconds += elapsed
             self.stats.computed_tokens += tokens
             self._record(boundary, compute=elapsed / max(tokens, 1))
-            self._keep(per_example, missing, states, kept, keys, digests, boundary, store)
+            self._keep(per_example, missing, states, kept, key_list, digests, boundary, store)
             self.stats.misses += len(missing)
         return _pad(per_example, kept, self._dtype(boundary), device)
 
@@ -285,10 +287,14 @@ class BatchCache:
     def _keep(self, per_example, rows, states, kept, keys, digests, boundary, store) -> None:
         self.state_dtype = states.dtype
         states = states.detach()
-        for row, i in enumerate(rows):
-            per_example[i] = states[row][kept[i].to(states.device)]
+        # The kept positions are a prefix of each row (`_kept_positions`), so a slice selects them without a
+        # mask copied to the device; the stored copies come back to the CPU in one transfer, not one per example.
+        lengths = kept[rows].sum(dim=1).tolist()
+        on_cpu = states.to("cpu") if store else None
+        for row, (i, length) in enumerate(zip(rows, lengths)):
+            per_example[i] = states[row, :length]
             if store:
-                stored = self.cache.put(int(keys[i]), digests[i], boundary, per_example[i])
+                stored = self.cache.put(keys[i], digests[i], boundary, on_cpu[row, :length])
                 self.stats.stored += stored
                 self.stats.not_stored += not stored
 
@@ -316,7 +322,8 @@ def _now(device: torch.device) -> float:
 
 
 def _kept_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
-    """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token.
+    """`[batch, seq]` booleans: the positions whose states are kept, every position up to the last real token (a
+    prefix of each row, which `BatchCache._keep` relies on).
 
     Trailing padding is dropped (no real token reads it). Leading padding is kept: it is part of the example's
     digest, and a left-padded causal LM predicts its first real token from the last padding position, so those
@@ -333,9 +340,9 @@ def _kept_positions(inputs: Mapping[str, Any]) -> torch.Tensor:
     return torch.ones(reference.shape[:2], dtype=torch.bool)
 
 
-def _rows(inputs: Mapping[str, Any], rows: list[int]) -> dict[str, Any]:
-    """The sub-batch of examples `rows` (tensors whose first dimension is the batch are indexed)."""
-    batch = _kept_positions(inputs).shape[0]
+def _rows(inputs: Mapping[str, Any], rows: list[int], batch: int) -> dict[str, Any]:
+    """The sub-batch of examples `rows` of a batch of `batch` (tensors whose first dimension is `batch` are
+    indexed)."""
     if rows == list(range(batch)):
         return dict(inputs)
     index = torch.tensor(rows)
@@ -353,5 +360,10 @@ def _pad(
     """Scatter `[tokens_i, hidden]` states into a zero `[batch, seq, hidden]` tensor at the kept positions."""
     hidden = next(s for s in per_example if s is not None).shape[-1]
     out = torch.zeros(*kept.shape, hidden, dtype=dtype, device=device)
-    out[kept.to(device)] = torch.cat([s.to(device, dtype) for s in per_example])  # type: ignore[union-attr]
+    parts: list[torch.Tensor] = per_example  # type: ignore[assignment]
+    if len({(s.device, s.dtype) for s in parts}) == 1:
+        flat = torch.cat(parts).to(device, dtype)  # e.g. all cache hits: one transfer to the device, not one each
+    else:
+        flat = torch.cat([s.to(device, dtype) for s in parts])
+    out[kept.to(device)] = flat
     return out

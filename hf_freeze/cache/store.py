@@ -296,6 +296,7 @@ class _DiskStore(_Store):
         self.max_bytes = max_bytes
         self.dtype = dtype
         self.index: dict[int, dict[str, Any]] = {}
+        self.live_bytes = 0  # bytes of the listed entries (the rest of `data_end` is dead until compaction)
         self.data_end = 0
         self.full = False
         self.manifest: dict[str, Any] | None = None
@@ -336,6 +337,7 @@ class _DiskStore(_Store):
                 dropped += 1
                 continue
             self.index[int(key)] = entry
+            self.live_bytes += entry["nbytes"]
         valid_end = max((e["offset"] + e["nbytes"] for e in self.index.values()), default=0)
         self.data_end = max(min(index.get("data_end", size), size), valid_end)
         if dropped:
@@ -373,15 +375,15 @@ class _DiskStore(_Store):
         old = self.index.get(key)
         in_place = old is not None and old["nbytes"] == len(raw)
         if not in_place and self.data_end + len(raw) > self.max_bytes:
-            live = sum(e["nbytes"] for k, e in self.index.items() if k != key)
+            live = self.live_bytes - (old["nbytes"] if old is not None else 0)
             if live + len(raw) > self.max_bytes:
                 self.refusal = f"the prefix cache reached its budget of {self.max_bytes:,} bytes"
                 return False
-            self.index.pop(key, None)
+            self._unlist(key)
             self._compact()
         offset = old["offset"] if in_place else self.data_end
         # An overwrite in place is not atomic, so unlist the entry first: a torn write is then never served.
-        self.index.pop(key, None)
+        self._unlist(key)
         try:
             written = os.pwrite(self._fd, raw, offset) if raw else 0
         except OSError as error:
@@ -404,15 +406,21 @@ class _DiskStore(_Store):
             "hidden": int(states.shape[1]),
             "crc": zlib.crc32(raw),
         }
+        self.live_bytes += len(raw)
         return True
 
     def remove(self, key: int) -> None:
-        self.index.pop(key, None)
+        self._unlist(key)
+
+    def _unlist(self, key: int) -> None:
+        entry = self.index.pop(key, None)
+        if entry is not None:
+            self.live_bytes -= entry["nbytes"]
 
     def remove_boundary(self, boundary: int) -> int:
         keys = [k for k, entry in self.index.items() if entry["boundary"] == boundary]
         for key in keys:
-            self.index.pop(key)
+            self._unlist(key)
         return len(keys)
 
     def _compact(self) -> None:
@@ -425,7 +433,7 @@ class _DiskStore(_Store):
             for key, entry in list(self.index.items()):
                 raw = self._read(entry)
                 if raw is None or zlib.crc32(raw) != entry["crc"]:
-                    self.index.pop(key)
+                    self._unlist(key)
                     continue
                 os.pwrite(fd, raw.tobytes(), offset)
                 entry["offset"] = offset
@@ -455,7 +463,7 @@ class _DiskStore(_Store):
         return len(self.index)
 
     def _corrupt(self, key: int) -> None:
-        self.index.pop(key, None)
+        self._unlist(key)
         if not self._warned_corrupt:
             self._warned_corrupt = True
             logger.warning("hf_freeze: a corrupt entry in %s was dropped and will be recomputed.",

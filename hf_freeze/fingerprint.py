@@ -51,7 +51,7 @@ def unit_digests(model: nn.Module, layout: BlockLayout, upto_boundary: int, *, f
 
     Units inside `frozen_boundary` (frozen, so unchanging) are remembered on `model`; `forget_digests` clears them.
     """
-    memo: dict[int, str] = model.__dict__.setdefault(_MEMO_ATTR, {})
+    memo: dict = model.__dict__.setdefault(_MEMO_ATTR, {})
     frozen_units = -1 if frozen_boundary is None else frozen_boundary  # units 0..frozen_boundary are frozen
     digests = []
     for unit in range(upto_boundary + 1):
@@ -87,7 +87,15 @@ def prefix_fingerprint(
     """
     if not 0 <= boundary <= layout.num_blocks:
         raise ValueError(f"A prefix fingerprint needs 0 <= boundary <= {layout.num_blocks}, got {boundary}.")
-    return chain_digests(unit_digests(model, layout, boundary, frozen_boundary=frozen_boundary), seed)
+    frozen = frozen_boundary is not None and boundary <= frozen_boundary
+    memo: dict = model.__dict__.setdefault(_MEMO_ATTR, {})
+    key = ("chain", seed, boundary)
+    if frozen and key in memo:  # the cache asks for every example it reads or stores: chain a frozen prefix once
+        return memo[key]
+    fingerprint = chain_digests(unit_digests(model, layout, boundary, frozen_boundary=frozen_boundary), seed)
+    if frozen:
+        memo[key] = fingerprint
+    return fingerprint
 
 
 def forget_digests(model: nn.Module) -> None:

@@ -56,3 +56,21 @@ def test_a_boundary_outside_the_model_is_refused():
     model = tiny_bert()
     with pytest.raises(ValueError, match="0 <= boundary <= 3"):
         prefix_fingerprint(model, find_layout(model), 4)
+
+
+def test_a_frozen_prefix_is_chained_once_until_unfrozen(monkeypatch):
+    model = tiny_bert()
+    freeze_prefix(model, 2)
+    layout = find_layout(model)
+    chains = []
+    monkeypatch.setattr("hf_freeze.fingerprint.chain_digests",
+                        lambda digests, seed="": chains.append(seed) or chain_digests(digests, seed))
+    first = prefix_fingerprint(model, layout, 2, seed="m", frozen_boundary=2)
+    assert prefix_fingerprint(model, layout, 2, seed="m", frozen_boundary=2) == first
+    prefix_fingerprint(model, layout, 3, seed="m", frozen_boundary=2)  # block 2 trains: never remembered
+    prefix_fingerprint(model, layout, 3, seed="m", frozen_boundary=2)
+    assert chains == ["m", "m", "m"]
+    unfreeze(model)
+    with torch.no_grad():
+        layout.blocks[0].output.dense.weight[0, 0] += 1e-3
+    assert prefix_fingerprint(model, layout, 2, seed="m", frozen_boundary=None) != first

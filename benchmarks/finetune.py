@@ -7,7 +7,7 @@ activations saved for backward and of optimizer state at the end of training, pe
 the method's own freeze timeline would give with ideal machinery (each step as cheap as a model holding only the
 active blocks).
 
-    python benchmarks/finetune.py                                   # MiniLM on Rotten Tomatoes (2 epochs)
+    python benchmarks/finetune.py                                   # MiniLM on Rotten Tomatoes (3 epochs)
     python benchmarks/finetune.py --task causal_lm --max-train-samples 1000 --max-eval-samples 200
     python benchmarks/finetune.py --model mpnet                     # 12 blocks; meant for a GPU
     python benchmarks/finetune.py --methods full cache:gradnorm:percentile=30,max_boundary=4   # policy knobs
@@ -43,18 +43,22 @@ def main() -> None:
     parser.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
     parser.add_argument("--model", default=None, help="default: minilm (classification) / smollm2 (causal_lm)")
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--dataset", default=None, help="default: rotten_tomatoes (see hf_freeze.data.load_raw)")
+    parser.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
+    parser.add_argument("--epochs", type=float, default=3, help="TrainingArguments' default")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--lora-learning-rate", type=float, default=5e-4, help="LoRA's usual, higher rate")
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
-    parser.add_argument("--evals", type=int, default=8, help="evaluations during training (for time-to-target)")
+    parser.add_argument("--evals", type=int, default=0,
+                        help="evaluations during training (for time-to-target); 0: one per epoch, as users run")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the per-method results a previous run with the same --name left in results/runs")
     parser.add_argument("--skip-ideal", action="store_true", help="do not time the ideal steps (faster)")
     parser.add_argument("--name", default=None, help="results file name (default: finetune_<model>_<task>)")
+    parser.add_argument("--runs-dir", default=str(RESULTS / "runs"), help="where each method's own result is kept")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -64,7 +68,7 @@ def main() -> None:
         write_text_atomic(args.out, json.dumps(run_one(args, args.run_one), default=str))
         return
     args.name = args.name or f"finetune_{args.model}_{args.task}"
-    runs = RESULTS / "runs"  # write_text_atomic creates it
+    runs = Path(args.runs_dir)  # write_text_atomic creates it
     results = {}
     for method in args.methods:
         # each method's result is kept as soon as it exists, so a long benchmark can be resumed with --reuse
@@ -84,8 +88,9 @@ def main() -> None:
 def forwarded(args) -> list[str]:
     flags = ["--task", args.task, "--model", args.model, "--epochs", str(args.epochs), "--batch-size",
              str(args.batch_size), "--learning-rate", str(args.learning_rate), "--lora-learning-rate",
-             str(args.lora_learning_rate), "--evals", str(args.evals), "--seed", str(args.seed)]
-    for name in ("max_train_samples", "max_eval_samples"):
+             str(args.lora_learning_rate), "--evals", str(args.evals), "--seed", str(args.seed), "--max-length",
+             str(args.max_length)]
+    for name in ("max_train_samples", "max_eval_samples", "dataset"):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     return flags
@@ -95,10 +100,16 @@ class EvalTimeline(TrainerCallback):
     """Records every evaluation with the training time (sum of step times) spent until then."""
 
     def __init__(self, timer: StepTimerCallback) -> None:
-        self.timer, self.evals = timer, []
+        self.timer, self.evals, self.started = timer, [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # wall_seconds: since train() began, evaluations included (an evaluation is recorded once it is done)
+        wall = time.perf_counter() - self.started if self.started is not None else None
         self.evals.append({"step": state.global_step, "train_seconds": sum(r.seconds for r in self.timer.records),
+                           "wall_seconds": wall,
                            **{k: v for k, v in (metrics or {}).items() if k.startswith("eval_")}})
 
 
@@ -128,13 +139,15 @@ def run_one(args, method: str) -> dict:
         from hf_freeze.training import CausalLMArguments as Script
         from hf_freeze.training import prepare_causal_lm as prepare
     script = Script(model_name_or_path=args.model, max_train_samples=args.max_train_samples,
-                    max_eval_samples=args.max_eval_samples)
+                    max_eval_samples=args.max_eval_samples, max_length=args.max_length,
+                    **({"dataset": args.dataset} if args.dataset else {}))
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = make_args(args, output_dir, lora=method == "lora", steps=None)
         make_model, common = prepare(script, training_args)
         steps_per_epoch = math.ceil(len(common["train_dataset"]) / args.batch_size)
         max_steps = math.ceil(steps_per_epoch * args.epochs)
-        training_args = make_args(args, output_dir, lora=method == "lora", steps=max(1, max_steps // args.evals))
+        steps = max(1, max_steps // args.evals) if args.evals else None
+        training_args = make_args(args, output_dir, lora=method == "lora", steps=steps)
         common["args"] = training_args
         model = make_model()
         num_blocks = get_layout(model).num_blocks
@@ -142,12 +155,15 @@ def run_one(args, method: str) -> dict:
         evals = EvalTimeline(timer)
         allreduce = AllReduceBytes(shrinks=method.startswith("cache"))
         trainer = build_trainer(method, model, common, [timer, evals, allreduce], num_blocks, args.task)
-        trainer.train()
+        started = time.perf_counter()
+        trainer.train()  # what a user waits for: every step, the per-epoch evaluations, the cache's own work
+        wall_seconds = time.perf_counter() - started
         final = trainer.evaluate()
         measured = end_of_training_bytes(trainer)
     timeline = next((cb.timeline for cb in trainer.callback_handler.callbacks if isinstance(cb, FreezeCallback)), [])
     return {
         "train_seconds": sum(r.seconds for r in timer.records),
+        "wall_seconds": wall_seconds,
         "steps": len(timer.records),
         "step_seconds": [r.seconds for r in timer.records],
         "boundaries": [r.boundary for r in timer.records],
@@ -166,7 +182,7 @@ def make_args(args, output_dir: str, lora: bool, steps: int | None) -> TrainingA
         output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=4 * args.batch_size, seed=args.seed, report_to="none", save_strategy="no",
         learning_rate=args.lora_learning_rate if lora else args.learning_rate, logging_steps=50,
-        eval_strategy="steps" if steps else "no", eval_steps=steps, disable_tqdm=True,
+        eval_strategy="steps" if steps else "epoch", eval_steps=steps, disable_tqdm=True,
     )
 
 

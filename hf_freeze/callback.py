@@ -20,6 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .budget import StepCostModel
 from .config import FreezeConfig
 from .distributed import ParallelModeError, check_parallel_mode
 from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
@@ -63,6 +64,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self.policy: FreezePolicy | None = None
         self.resume_checkpoint: str | None = None  # set by FreezeTrainer.train(resume_from_checkpoint=...)
         self.rebuilds_ddp = False  # FreezeTrainer sets it: it rebuilds DDP over the active blocks after each freeze
+        self.caches_prefix = False  # FreezeTrainer sets it: frozen states are read from its cache (budget's costs)
+        self._dropout_handle: torch.utils.hooks.RemovableHandle | None = None
         self._model: torch.nn.Module | None = None
         self._pending_logs: dict[str, float] = {}
         self._train_start = time.perf_counter()
@@ -75,6 +78,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._train_start = time.perf_counter()
         layout = get_layout(model, self.config.blocks_path)
         self.policy = build_policy(self.config, layout.num_blocks)
+        self.policy.use_costs(StepCostModel.from_model(model, layout, cached=self.caches_prefix))
         check_parallel_mode(args, model, rebuilds_ddp=self.rebuilds_ddp)
         if self.config.offload_frozen != "none" and args.world_size > 1:
             raise ParallelModeError(
@@ -149,19 +153,33 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 reload_parameters(model, checkpoint, names)
 
     def _maybe_freeze(self, args, state: TrainerState, control: TrainerControl, model, optimizer) -> None:
-        progress = Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0)
+        epochs = getattr(state, "num_train_epochs", 0) or 0
+        progress = Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
+                            steps_per_epoch=math.ceil(state.max_steps / epochs) if epochs else None)
+        self._place_boundary_dropout(model)
         decision = self.policy.decide(progress, frozen_boundary(model))
         if self.policy.is_decision_step(progress) or state.global_step == 0:
             decision = _same_on_every_rank(decision)
         if decision is None:
             return
         result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
+        self._place_boundary_dropout(model)
         self._record(decision, result, state, progress)
         moved = self._offload(model)
         if moved is not None:
             self.timeline[-1].update(moved)
             self._pending_logs.update({f"freeze/{k}": float(v) for k, v in moved.items()})
         control.should_log = control.should_log or state.global_step > 0
+
+    def _place_boundary_dropout(self, model: torch.nn.Module) -> None:
+        """Keep `boundary_dropout`'s hook on the first active block (moved at each freeze)."""
+        if self._dropout_handle is not None:
+            self._dropout_handle.remove()
+            self._dropout_handle = None
+        boundary, layout = frozen_boundary(model), get_layout(model)
+        if self.config.boundary_dropout > 0 and boundary is not None and boundary < layout.num_blocks:
+            self._dropout_handle = layout.blocks[boundary].register_forward_pre_hook(
+                _dropout_on_input(self.config.boundary_dropout), with_kwargs=True)
 
     def _offload(self, model: torch.nn.Module) -> dict[str, int] | None:
         """Move the frozen blocks off their device when `offload_frozen` asks for it; what was moved, or `None`."""
@@ -222,6 +240,21 @@ def reload_parameters(model: torch.nn.Module, checkpoint: str, names: list[str])
             with safe_open(path, framework="pt") as handle:
                 if name in handle.keys():
                     parameters[name].copy_(handle.get_tensor(name))
+
+
+def _dropout_on_input(p: float):
+    """Forward pre-hook: dropout on a block's input hidden states while the block trains."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not (module.training and torch.is_grad_enabled()):
+            return None
+        if args and isinstance(args[0], torch.Tensor):
+            return (torch.nn.functional.dropout(args[0], p, training=True), *args[1:]), kwargs
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            return args, {**kwargs, "hidden_states": torch.nn.functional.dropout(kwargs["hidden_states"], p, True)}
+        return None
+
+    return hook
 
 
 def _same_on_every_rank(decision: FreezeDecision | None) -> FreezeDecision | None:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-POLICY_NAMES = ("gradnorm", "schedule", "fixed")
+POLICY_NAMES = ("gradnorm", "schedule", "fixed", "budget")
 SCHEDULE_KINDS = ("geometric", "linear")
 TIED_WEIGHTS_MODES = ("untie", "freeze")
 CACHE_MODES = ("auto", "on", "off")
@@ -87,6 +87,19 @@ class FreezeConfig:
     )
     boundary: int | None = field(
         default=None, metadata={"help": "fixed policy: freeze the embeddings and this many blocks from the start."}
+    )
+    target_speedup: float = field(
+        default=3.0,
+        metadata={"help": "budget policy: plan the freeze timeline so that the run is this many times faster than "
+                          "full fine-tuning by the model's cost estimate (see hf_freeze.budget)."},
+    )
+    boundary_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "Dropout probability applied, in training only, to the hidden states entering the first active "
+            "block. Frozen blocks run in eval mode, so the blocks above them no longer see the dropout noise they "
+            "trained with; this gives some back. 0 turns it off."
+        },
     )
     max_boundary: int | None = field(
         default=None,
@@ -193,6 +206,11 @@ class FreezeConfig:
             raise ValueError(f"`schedule_fraction` must be in (0, 1], got {self.schedule_fraction}.")
         if not 0 <= self.freeze_level <= 1:
             raise ValueError(f"`freeze_level` must be in [0, 1], got {self.freeze_level}.")
+        if self.target_speedup <= 1:
+            raise ValueError(f"`target_speedup` is a speed-up over full fine-tuning and must exceed 1, got "
+                             f"{self.target_speedup}.")
+        if not 0 <= self.boundary_dropout < 1:
+            raise ValueError(f"`boundary_dropout` is a probability in [0, 1), got {self.boundary_dropout}.")
         if self.policy == "fixed" and self.boundary is None:
             raise ValueError("policy='fixed' needs `boundary`: the number of blocks to freeze from the start.")
         for name in ("boundary", "max_boundary"):

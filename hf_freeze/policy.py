@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .budget import FreezePlan, StepCostModel, plan_ramp
 from .config import FreezeConfig
 
 
@@ -24,6 +25,7 @@ class Progress:
     step: int
     max_steps: int
     epoch: float = 0.0
+    steps_per_epoch: int | None = None
 
     @property
     def fraction(self) -> float:
@@ -57,6 +59,9 @@ class FreezePolicy(ABC):
 
     def observe(self, unit_norms: Sequence[float | None]) -> None:
         """Record one optimizer step's gradient norm per unit (`None` for frozen units)."""
+
+    def use_costs(self, costs: StepCostModel) -> None:
+        """The model's step costs per boundary (`budget.StepCostModel`), for policies that plan by cost."""
 
     def decide(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
         """The new boundary after the step `progress.step`, or `None` to keep the current one."""
@@ -210,7 +215,59 @@ class GradNormPolicy(FreezePolicy):
         self.previous_mean = None if state["previous_mean"] is None else list(state["previous_mean"])
 
 
-POLICIES: dict[str, type[FreezePolicy]] = {p.name: p for p in (GradNormPolicy, SchedulePolicy, FixedPolicy)}
+class BudgetPolicy(FreezePolicy):
+    """Meet a speed-up the user names: plan the timeline once, from the model's step costs, then follow it.
+
+    The plan (`budget.plan_ramp`) freezes the units one at a time at evenly spaced steps, from `freeze_start`
+    to the latest step at which the run still comes out `target_speedup` times faster than full fine-tuning by
+    the cost model (`budget.StepCostModel`: parameters trained, run forward, or read from the cache).
+    """
+
+    name = "budget"
+
+    def __init__(self, config: FreezeConfig, num_blocks: int) -> None:
+        super().__init__(config, num_blocks)
+        self.costs: StepCostModel | None = None
+        self.plan: FreezePlan | None = None
+
+    @property
+    def freezes_embeddings_at_start(self) -> bool:
+        return False  # the plan places the embeddings itself
+
+    def use_costs(self, costs: StepCostModel) -> None:
+        self.costs = costs
+
+    def is_decision_step(self, progress: Progress) -> bool:
+        return self.plan is not None and progress.step in self.plan.steps
+
+    def decide_blocks(self, progress: Progress, boundary: int | None) -> FreezeDecision | None:
+        if self.plan is None:
+            if self.costs is None:
+                raise RuntimeError("The budget policy needs the model's step costs: FreezeCallback calls use_costs.")
+            steps_per_epoch = progress.steps_per_epoch or progress.max_steps
+            self.plan = plan_ramp(self.costs, self.config.target_speedup, progress.max_steps, steps_per_epoch,
+                                  self.max_boundary, start=math.ceil(self.config.freeze_start * progress.max_steps))
+        target = self.plan.boundary_at(progress.step)
+        if target is None or units_of(target) <= units_of(boundary):
+            return None
+        return FreezeDecision(
+            target,
+            f"budget: plan for {self.config.target_speedup:g}x (cost model predicts "
+            f"{self.plan.predicted_speedup:.2f}x) freezes boundary {target} at step {progress.step}",
+            {"predicted_speedup": self.plan.predicted_speedup},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.plan is None else {"steps": list(self.plan.steps), "speedup": self.plan.predicted_speedup}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.plan = FreezePlan(tuple(state["steps"]), float(state["speedup"]))
+
+
+POLICIES: dict[str, type[FreezePolicy]] = {
+    p.name: p for p in (GradNormPolicy, SchedulePolicy, FixedPolicy, BudgetPolicy)
+}
 
 
 def build_policy(config: FreezeConfig, num_blocks: int) -> FreezePolicy:

@@ -77,6 +77,7 @@ class FreezeTrainer(Trainer):
         self.freeze_config = freeze_config or FreezeConfig()
         callback = FreezeCallback(self.freeze_config)
         callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
+        callback.caches_prefix = self.freeze_config.cache != "off"
         self.add_callback(callback)
         self.active_ddp = ActiveBlocksDDP(keep_find_unused=self.args.ddp_find_unused_parameters is not None)
         self.add_callback(_CacheMaintenance(self))
@@ -108,6 +109,7 @@ class FreezeTrainer(Trainer):
         # a restored instance starts without these
         self.freeze_callback.resume_checkpoint = self._resume_checkpoint
         self.freeze_callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
+        self.freeze_callback.caches_prefix = self.freeze_config.cache != "off"
 
     # ---- data: example keys ----
 

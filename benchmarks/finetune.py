@@ -72,7 +72,7 @@ def main() -> None:
     results = {}
     for method in args.methods:
         # each method's result is kept as soon as it exists, so a long benchmark can be resumed with --reuse
-        saved = runs / f"{args.name}_{method.replace(':', '_').replace(',', '_').replace('=', '')}.json"
+        saved = runs / f"{Path(args.name).name}_{method_file_name(method)}.json"
         if args.reuse and saved.exists():
             print(f"==== {method}: reusing {saved} ====", flush=True)
         else:
@@ -83,6 +83,11 @@ def main() -> None:
         print({k: v for k, v in results[method].items() if k not in ("evals", "timeline", "step_seconds",
                                                                        "boundaries")}, flush=True)
     report(args, results)
+
+
+def method_file_name(method: str) -> str:
+    """`cache:budget:target_speedup=3.0,boundary_dropout=0.1` -> `cache_budget_target_speedup3.0_boundary_dropout0.1`."""
+    return method.replace(":", "_").replace(",", "_").replace("=", "").replace('"', "")
 
 
 def forwarded(args) -> list[str]:

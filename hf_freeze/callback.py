@@ -26,7 +26,7 @@ from .distributed import ParallelModeError, check_parallel_mode
 from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
 from .offload import check_trainable_placement, offload_frozen_blocks
 from .optim import release_parameters
-from .policy import FreezeDecision, FreezePolicy, Progress, build_policy
+from .policy import FreezeDecision, FreezePolicy, Progress, build_policy, units_of
 from .signals import unit_gradient_norms
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._restore(args, state, model, optimizer)
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
-        self._maybe_freeze(args, state, control, model, optimizer)
+        self._maybe_freeze(args, state, control, model, optimizer, kwargs.get("lr_scheduler"))
         self._offload(model)  # a boundary restored from a checkpoint, or frozen before training
         check_trainable_placement(model)
 
@@ -103,7 +103,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 logger.debug("hf_freeze: non-finite gradient norms at step %d ignored.", state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"))
+        self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         pending = self.pop_pending_logs()
@@ -152,7 +152,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 names = [n for n, p in model.named_parameters() if not p.requires_grad] + list(result.untied)
                 reload_parameters(model, checkpoint, names)
 
-    def _maybe_freeze(self, args, state: TrainerState, control: TrainerControl, model, optimizer) -> None:
+    def _maybe_freeze(self, args, state: TrainerState, control: TrainerControl, model, optimizer,
+                      lr_scheduler=None) -> None:
         epochs = getattr(state, "num_train_epochs", 0) or 0
         progress = Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
                             steps_per_epoch=math.ceil(state.max_steps / epochs) if epochs else None)
@@ -164,12 +165,26 @@ class FreezeCallback(TrainerCallback, ExportableState):
             return
         result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
         self._place_boundary_dropout(model)
+        self._scale_learning_rate(lr_scheduler, result.previous_boundary, result.boundary)
         self._record(decision, result, state, progress)
         moved = self._offload(model)
         if moved is not None:
             self.timeline[-1].update(moved)
             self._pending_logs.update({f"freeze/{k}": float(v) for k, v in moved.items()})
         control.should_log = control.should_log or state.global_step > 0
+
+    def _scale_learning_rate(self, lr_scheduler, previous: int | None, boundary: int) -> None:
+        """`active_lr_scale`: move the schedule's base rates (and the current rates) to the new boundary's factor.
+        The factor lives in the scheduler's `base_lrs`, which Trainer checkpoints, so a resumed run keeps it."""
+        if self.config.active_lr_scale == 1 or lr_scheduler is None:
+            return
+        inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
+        units = self.policy.num_blocks + 1
+        ratio = self.config.active_lr_scale ** ((units_of(boundary) - units_of(previous)) / units)
+        inner.base_lrs = [base * ratio for base in inner.base_lrs]
+        for group in inner.optimizer.param_groups:
+            group["lr"] *= ratio
+        inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]  # what Trainer logs
 
     def _place_boundary_dropout(self, model: torch.nn.Module) -> None:
         """Keep `boundary_dropout`'s hook on the first active block (moved at each freeze)."""

@@ -101,6 +101,13 @@ class FreezeConfig:
             "trained with; this gives some back. 0 turns it off."
         },
     )
+    active_lr_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "As the prefix grows, multiply the learning rate of what still trains by active_lr_scale ** "
+            "(frozen units / units), so fewer trainable blocks take larger steps (1: the schedule is left alone)."
+        },
+    )
     max_boundary: int | None = field(
         default=None,
         metadata={
@@ -209,6 +216,9 @@ class FreezeConfig:
         if self.target_speedup <= 1:
             raise ValueError(f"`target_speedup` is a speed-up over full fine-tuning and must exceed 1, got "
                              f"{self.target_speedup}.")
+        if self.active_lr_scale <= 0:
+            raise ValueError(f"`active_lr_scale` multiplies the learning rate and must be positive, got "
+                             f"{self.active_lr_scale}.")
         if not 0 <= self.boundary_dropout < 1:
             raise ValueError(f"`boundary_dropout` is a probability in [0, 1), got {self.boundary_dropout}.")
         if self.policy == "fixed" and self.boundary is None:

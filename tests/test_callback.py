@@ -120,3 +120,18 @@ def test_boundary_dropout_reaches_the_first_active_block_in_training_only():
     model.train()
     model(input_ids=ids)
     assert torch.equal(seen["in"], seen["out"])
+
+
+def test_active_lr_scale_raises_the_rate_of_what_still_trains_by_the_frozen_share(tmp_path):
+    rates = []
+    for scale in (1.0, 4.0):
+        model, recorder = tiny_model("bert", "seq"), LogRecorder()
+        config = FreezeConfig(policy="fixed", boundary=3, active_lr_scale=scale)
+        trainer = Trainer(model=model, args=training_args(tmp_path / str(scale), num_train_epochs=1, logging_steps=1),
+                          train_dataset=token_dataset(), data_collator=PadCollator(),
+                          callbacks=[recorder, FreezeCallback(config)])
+        trainer.train()
+        rates.append([e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e])
+    # 4 of the tiny BERT's 5 units (embeddings + 4 blocks) are frozen: every rate is 4 ** (4 / 5) times larger
+    assert len(rates[0]) == len(rates[1]) > 2
+    assert all(abs(b / a - 4 ** 0.8) < 1e-6 for a, b in zip(rates[0], rates[1]) if a > 0)

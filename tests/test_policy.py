@@ -31,7 +31,7 @@ def test_registry_matches_config_choices():
 def test_unknown_policy_name_lists_the_choices():
     config = FreezeConfig()
     config.policy = "magic"  # bypass __post_init__ as a loaded, hand-edited config could
-    with pytest.raises(ValueError, match=r"choose one of \['fixed', 'gradnorm', 'schedule'\]"):
+    with pytest.raises(ValueError, match=r"choose one of \['budget', 'fixed', 'gradnorm', 'schedule'\]"):
         build_policy(config, 6)
 
 

@@ -35,6 +35,7 @@ LABELS = {
     "cache_gradnorm": "previous default: gradnorm (AutoFreeze's rule)",
     "cache_budget_target_speedup3.0": "budget 3x",
     "cache_budget_target_speedup3.0_boundary_dropout0.1": "budget 3x + boundary dropout 0.1",
+    "cache_budget_target_speedup3.0_active_lr_scale3.0": "budget 3x + active_lr_scale 3",
     "cache_budget_target_speedup2.5": "budget 2.5x",
     "cache_budget_target_speedup2.5_boundary_dropout0.1": "budget 2.5x + boundary dropout 0.1",
 }

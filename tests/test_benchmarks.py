@@ -9,6 +9,7 @@ import pytest
 from conftest import NUM_BLOCKS, tiny_batch, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import decision  # noqa: E402
 import finetune  # noqa: E402
 import step_time  # noqa: E402
 
@@ -62,3 +63,24 @@ def test_the_ideal_model_holds_only_the_active_blocks_and_trains(boundary):
     assert trainable == {"bert", "classifier"}
     seconds = step_time.time_step(ideal, [dict(tiny_batch(ideal, "seq"), keys=None)], repeats=1)
     assert seconds > 0
+
+
+def fake_run(accuracy, wall, evals=()):
+    return {"final": {"eval_accuracy": accuracy}, "wall_seconds": wall, "train_seconds": wall - 10,
+            "evals": [{"eval_accuracy": a, "wall_seconds": w} for a, w in evals], "final_boundary": 5}
+
+
+def test_decision_pairs_each_seed_with_its_own_full_run():
+    methods = {
+        "full": {1: fake_run(0.84, 300.0), 2: fake_run(0.82, 330.0)},
+        "cache_budget_target_speedup3.0": {1: fake_run(0.835, 100.0, [(0.80, 40.0), (0.836, 90.0)]),
+                                           2: fake_run(0.81, 100.0, [(0.81, 60.0)])},
+    }
+    rows, points = decision.summarize("rt", methods)
+    budget = next(r for r in rows if r["_key"] == "cache_budget_target_speedup3.0")
+    assert budget["gap"] == pytest.approx((-0.5 - 1.0) / 2)  # 83.5 - 84 and 81 - 82, not a difference of means
+    assert budget["worst gap"] == pytest.approx(-1.0)
+    assert budget["speed-up"] == pytest.approx((3.0 + 3.3) / 2)
+    # within 0.5 point: seed 1 at its second evaluation (300 / 90), seed 2 never (81 < 82 - 0.5)
+    assert budget["to target (speed-up)"] == f"{300 / 90:.2f} (1/2)"
+    assert len(points) == 4 and budget["method"] == "budget 3x"

@@ -22,7 +22,7 @@ RUNS = RESULTS / "decision" / "runs"
 RUN_NAME = re.compile(r"^(?P<workload>[a-z0-9]+)_seed(?P<seed>\d+)_(?P<method>.+)\.json$")
 WORKLOADS = {
     "rt": "MiniLM on Rotten Tomatoes (sentiment, 10,201 train / 2,551 test, batch 32)",
-    "debates": "MiniLM on the 2016 debates (speaker's party, 3 classes, 858 train / 215 test, batch 16)",
+    "debates": "MiniLM on the 2016 debates (speaker's party, 3 classes, 858 train / 215 test, 64 tokens, batch 16)",
     "smollm2": "SmolLM2-135M as a causal LM on Rotten Tomatoes snippets (480 train / 200 test, 64 tokens, batch 8)",
 }
 # file name of the method -> label in tables and plots

@@ -8,9 +8,12 @@ advanced through the blocks in between (a forward each). Attention's own quadrat
 data loading are left out, so on short sequences the model is close (MiniLM on Rotten Tomatoes: 0.17 of a full
 step predicted at boundary 5, 0.15 measured), and it errs towards freezing too early on long ones.
 
-The plan freezes the units one at a time at evenly spaced steps, from `freeze_start` to the latest end that still
-meets the target: lower units, which converge first, freeze first, and every unit trains as long as the budget
-allows a ramp to let it.
+Two shapes of plan, each ending at the latest step that still meets the target:
+
+- `switch`: every block trains until one step, then the whole prefix up to `max_boundary` freezes at once. For a
+  given budget this keeps every block training longest before any freezes.
+- `ramp`: the units freeze one at a time at evenly spaced steps from `freeze_start` (lower units, which converge
+  first, freeze first; upper units train longer than under `switch`, lower ones much shorter).
 """
 
 from __future__ import annotations
@@ -94,18 +97,26 @@ class FreezePlan:
         return [self.boundary_at(t) for t in range(max_steps)]
 
 
-def plan_ramp(costs: StepCostModel, target_speedup: float, max_steps: int, steps_per_epoch: int,
-              max_boundary: int, start: int = 0) -> FreezePlan:
-    """The latest evenly spaced ramp, from step `start`, freezing units `0..max_boundary + 1` that is predicted to
-    run at least `target_speedup` times faster than full fine-tuning.
+PLAN_SHAPES = ("switch", "ramp")
+
+
+def plan_timeline(costs: StepCostModel, target_speedup: float, max_steps: int, steps_per_epoch: int,
+                  max_boundary: int, start: int = 0, shape: str = "switch") -> FreezePlan:
+    """The latest plan of the given `shape` (see the module docstring), freezing units `0..max_boundary + 1` after
+    step `start`, that is predicted to run at least `target_speedup` times faster than full fine-tuning.
 
     Raises:
         `ValueError`: no ramp from `start` reaches the target (the message gives the most it can reach).
     """
+    if shape not in PLAN_SHAPES:
+        raise ValueError(f"Unknown plan shape {shape!r}; choose one of {list(PLAN_SHAPES)}.")
     units = max_boundary + 1
 
     def ramp(end: float) -> FreezePlan:
-        steps = tuple(start + math.ceil((end - start) * (u + 1) / units) for u in range(units))
+        if shape == "switch":
+            steps = (max(start, math.ceil(end)),) * units
+        else:
+            steps = tuple(start + math.ceil((end - start) * (u + 1) / units) for u in range(units))
         plan = FreezePlan(steps, 0.0)
         return FreezePlan(steps, costs.speedup(plan.boundaries(max_steps), steps_per_epoch))
 

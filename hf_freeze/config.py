@@ -17,6 +17,7 @@ CACHE_MODES = ("auto", "on", "off")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STALE_CACHE_MODES = ("rebuild", "error")
 OFFLOAD_TARGETS = ("none", "cpu", "disk")
+BUDGET_PLANS = ("switch", "ramp")
 
 
 @dataclass
@@ -92,6 +93,12 @@ class FreezeConfig:
         default=3.0,
         metadata={"help": "budget policy: plan the freeze timeline so that the run is this many times faster than "
                           "full fine-tuning by the model's cost estimate (see hf_freeze.budget)."},
+    )
+    budget_plan: str = field(
+        default="switch",
+        metadata={"help": f"budget policy: the plan's shape, one of {BUDGET_PLANS}. switch: every block trains, then "
+                          "the whole prefix freezes at once; ramp: the units freeze one at a time at evenly spaced "
+                          "steps from `freeze_start`.", "choices": BUDGET_PLANS},
     )
     boundary_dropout: float = field(
         default=0.0,
@@ -199,6 +206,7 @@ class FreezeConfig:
         _check_choice("cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _check_choice("on_stale_cache", self.on_stale_cache, STALE_CACHE_MODES)
         _check_choice("offload_frozen", self.offload_frozen, OFFLOAD_TARGETS)
+        _check_choice("budget_plan", self.budget_plan, BUDGET_PLANS)
         if self.offload_frozen == "disk" and not self.offload_dir:
             raise ValueError("offload_frozen='disk' needs `offload_dir`: the folder where frozen blocks are written.")
         if not 0 < self.interval <= 1:

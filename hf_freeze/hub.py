@@ -37,7 +37,7 @@ _POLICY_KNOBS = {
     "schedule": ("schedule", "interval", "interval_steps", "schedule_fraction", "freeze_start", "freeze_level",
                  "max_boundary"),
     "fixed": ("boundary",),
-    "budget": ("target_speedup", "freeze_start", "max_boundary"),
+    "budget": ("target_speedup", "budget_plan", "freeze_start", "max_boundary"),
 }
 
 

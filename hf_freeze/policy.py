@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .budget import FreezePlan, StepCostModel, plan_ramp
+from .budget import FreezePlan, StepCostModel, plan_timeline
 from .config import FreezeConfig
 
 
@@ -218,9 +218,10 @@ class GradNormPolicy(FreezePolicy):
 class BudgetPolicy(FreezePolicy):
     """Meet a speed-up the user names: plan the timeline once, from the model's step costs, then follow it.
 
-    The plan (`budget.plan_ramp`) freezes the units one at a time at evenly spaced steps, from `freeze_start`
-    to the latest step at which the run still comes out `target_speedup` times faster than full fine-tuning by
-    the cost model (`budget.StepCostModel`: parameters trained, run forward, or read from the cache).
+    The plan (`budget.plan_timeline`) freezes every unit up to `max_boundary` at once (`budget_plan="switch"`)
+    or one at a time at evenly spaced steps from `freeze_start` (`"ramp"`), ending at the latest step at which the
+    run still comes out `target_speedup` times faster than full fine-tuning by the cost model
+    (`budget.StepCostModel`: parameters trained, run forward, or read from the cache).
     """
 
     name = "budget"
@@ -245,14 +246,15 @@ class BudgetPolicy(FreezePolicy):
             if self.costs is None:
                 raise RuntimeError("The budget policy needs the model's step costs: FreezeCallback calls use_costs.")
             steps_per_epoch = progress.steps_per_epoch or progress.max_steps
-            self.plan = plan_ramp(self.costs, self.config.target_speedup, progress.max_steps, steps_per_epoch,
-                                  self.max_boundary, start=math.ceil(self.config.freeze_start * progress.max_steps))
+            self.plan = plan_timeline(self.costs, self.config.target_speedup, progress.max_steps, steps_per_epoch,
+                                      self.max_boundary, start=math.ceil(self.config.freeze_start * progress.max_steps),
+                                      shape=self.config.budget_plan)
         target = self.plan.boundary_at(progress.step)
         if target is None or units_of(target) <= units_of(boundary):
             return None
         return FreezeDecision(
             target,
-            f"budget: plan for {self.config.target_speedup:g}x (cost model predicts "
+            f"budget ({self.config.budget_plan}): plan for {self.config.target_speedup:g}x (cost model predicts "
             f"{self.plan.predicted_speedup:.2f}x) freezes boundary {target} at step {progress.step}",
             {"predicted_speedup": self.plan.predicted_speedup},
         )

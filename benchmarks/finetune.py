@@ -86,7 +86,8 @@ def main() -> None:
 
 
 def method_file_name(method: str) -> str:
-    """`cache:budget:target_speedup=3.0,boundary_dropout=0.1` -> `cache_budget_target_speedup3.0_boundary_dropout0.1`."""
+    """The method as a file-name part: `cache:budget:target_speedup=3.0,boundary_dropout=0.1` ->
+    `cache_budget_target_speedup3.0_boundary_dropout0.1`."""
     return method.replace(":", "_").replace(",", "_").replace("=", "").replace('"', "")
 
 

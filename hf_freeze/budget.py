@@ -106,13 +106,13 @@ def plan_timeline(costs: StepCostModel, target_speedup: float, max_steps: int, s
     step `start`, that is predicted to run at least `target_speedup` times faster than full fine-tuning.
 
     Raises:
-        `ValueError`: no ramp from `start` reaches the target (the message gives the most it can reach).
+        `ValueError`: no plan from `start` reaches the target (the message gives the most it can reach).
     """
     if shape not in PLAN_SHAPES:
         raise ValueError(f"Unknown plan shape {shape!r}; choose one of {list(PLAN_SHAPES)}.")
     units = max_boundary + 1
 
-    def ramp(end: float) -> FreezePlan:
+    def plan_ending_at(end: float) -> FreezePlan:
         if shape == "switch":
             steps = (max(start, math.ceil(end)),) * units
         else:
@@ -120,7 +120,7 @@ def plan_timeline(costs: StepCostModel, target_speedup: float, max_steps: int, s
         plan = FreezePlan(steps, 0.0)
         return FreezePlan(steps, costs.speedup(plan.boundaries(max_steps), steps_per_epoch))
 
-    fastest = ramp(start)
+    fastest = plan_ending_at(start)
     if fastest.predicted_speedup < target_speedup:
         raise ValueError(
             f"No freeze plan reaches target_speedup={target_speedup:g}: freezing every block up to boundary "
@@ -128,15 +128,15 @@ def plan_timeline(costs: StepCostModel, target_speedup: float, max_steps: int, s
             "`target_speedup`, raise `max_boundary`, or lower `freeze_start`."
         )
     low, high = float(start), float(max_steps)
-    if ramp(high).predicted_speedup >= target_speedup:
-        return ramp(high)
-    for _ in range(40):  # the speed-up falls as the ramp's end moves later: bisect to the step
+    if plan_ending_at(high).predicted_speedup >= target_speedup:
+        return plan_ending_at(high)
+    for _ in range(40):  # the speed-up falls as the plan's end moves later: bisect to the step
         middle = (low + high) / 2
-        if ramp(middle).predicted_speedup >= target_speedup:
+        if plan_ending_at(middle).predicted_speedup >= target_speedup:
             low = middle
         else:
             high = middle
-    return ramp(low)
+    return plan_ending_at(low)
 
 
 def _embedding_parameters(layout: BlockLayout) -> list[nn.Parameter]:

@@ -78,7 +78,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._train_start = time.perf_counter()
         layout = get_layout(model, self.config.blocks_path)
         self.policy = build_policy(self.config, layout.num_blocks)
-        self.policy.use_costs(StepCostModel.from_model(model, layout, cached=self.caches_prefix))
+        if self.policy.needs_step_costs:
+            self.policy.use_costs(StepCostModel.from_model(model, layout, cached=self.caches_prefix))
         check_parallel_mode(args, model, rebuilds_ddp=self.rebuilds_ddp)
         if self.config.offload_frozen != "none" and args.world_size > 1:
             raise ParallelModeError(
@@ -89,7 +90,8 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
         self._maybe_freeze(args, state, control, model, optimizer, kwargs.get("lr_scheduler"))
-        self._offload(model)  # a boundary restored from a checkpoint, or frozen before training
+        self._place_boundary_dropout(model)  # a boundary restored from a checkpoint, or frozen before training
+        self._offload(model)
         check_trainable_placement(model)
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -157,7 +159,6 @@ class FreezeCallback(TrainerCallback, ExportableState):
         epochs = getattr(state, "num_train_epochs", 0) or 0
         progress = Progress(step=state.global_step, max_steps=state.max_steps, epoch=state.epoch or 0.0,
                             steps_per_epoch=math.ceil(state.max_steps / epochs) if epochs else None)
-        self._place_boundary_dropout(model)
         decision = self.policy.decide(progress, frozen_boundary(model))
         if self.policy.is_decision_step(progress) or state.global_step == 0:
             decision = _same_on_every_rank(decision)

@@ -45,12 +45,14 @@ class FreezePolicy(ABC):
     """Decides when the next blocks are frozen.
 
     Subclasses set `name`, implement `decide_blocks`, and, if they need per-unit gradient norms, set
-    `needs_gradient_norms = True` and implement `observe`. With `config.freeze_embeddings_at_start`, `decide`
+    `needs_gradient_norms = True` and implement `observe`; if they plan by the model's step costs, set
+    `needs_step_costs = True` and implement `use_costs`. With `config.freeze_embeddings_at_start`, `decide`
     freezes the embeddings before the first step and leaves the blocks to `decide_blocks`.
     """
 
     name: ClassVar[str]
     needs_gradient_norms: ClassVar[bool] = False
+    needs_step_costs: ClassVar[bool] = False
 
     def __init__(self, config: FreezeConfig, num_blocks: int) -> None:
         self.config = config
@@ -225,6 +227,7 @@ class BudgetPolicy(FreezePolicy):
     """
 
     name = "budget"
+    needs_step_costs = True
 
     def __init__(self, config: FreezeConfig, num_blocks: int) -> None:
         super().__init__(config, num_blocks)

@@ -76,8 +76,7 @@ class FreezeTrainer(Trainer):
             )
         self.freeze_config = freeze_config or FreezeConfig()
         callback = FreezeCallback(self.freeze_config)
-        callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
-        callback.caches_prefix = self.freeze_config.cache != "off"
+        self._wire(callback)
         self.add_callback(callback)
         self.active_ddp = ActiveBlocksDDP(keep_find_unused=self.args.ddp_find_unused_parameters is not None)
         self.add_callback(_CacheMaintenance(self))
@@ -108,8 +107,12 @@ class FreezeTrainer(Trainer):
         super()._load_callback_state()
         # a restored instance starts without these
         self.freeze_callback.resume_checkpoint = self._resume_checkpoint
-        self.freeze_callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
-        self.freeze_callback.caches_prefix = self.freeze_config.cache != "off"
+        self._wire(self.freeze_callback)
+
+    def _wire(self, callback: FreezeCallback) -> None:
+        """What the callback must know of this trainer: DDP is rebuilt over the active blocks, states are cached."""
+        callback.rebuilds_ddp = self.freeze_config.ddp_rebuild
+        callback.caches_prefix = self.freeze_config.cache != "off"
 
     # ---- data: example keys ----
 

@@ -103,7 +103,8 @@ def test_boundary_dropout_reaches_the_first_active_block_in_training_only():
     freeze_prefix(model, 2)
     blocks = model.bert.encoder.layer
     seen = {}
-    blocks[1].register_forward_hook(lambda m, a, out: seen.__setitem__("out", out[0] if isinstance(out, tuple) else out))
+    blocks[1].register_forward_hook(
+        lambda m, a, out: seen.__setitem__("out", out[0] if isinstance(out, tuple) else out))
     callback = Callback(FreezeConfig(policy="fixed", boundary=2, boundary_dropout=0.5))
     callback._place_boundary_dropout(model)
     blocks[2].register_forward_pre_hook(lambda m, a, k: seen.__setitem__("in", a[0] if a else k["hidden_states"]),
@@ -135,3 +136,19 @@ def test_active_lr_scale_raises_the_rate_of_what_still_trains_by_the_frozen_shar
     # 4 of the tiny BERT's 5 units (embeddings + 4 blocks) are frozen: every rate is 4 ** (4 / 5) times larger
     assert len(rates[0]) == len(rates[1]) > 2
     assert all(abs(b / a - 4 ** 0.8) < 1e-6 for a, b in zip(rates[0], rates[1]) if a > 0)
+
+
+def test_boundary_dropout_reaches_a_prefix_frozen_before_training(tmp_path):
+    from hf_freeze import freeze_prefix
+
+    trained = []
+    for dropout in (0.0, 0.5):
+        model = tiny_model("bert", "seq")
+        freeze_prefix(model, 2)  # by hand: the callback never freezes, so only train begin can place the dropout
+        config = FreezeConfig(policy="fixed", boundary=2, boundary_dropout=dropout)
+        trainer = Trainer(model=model, args=training_args(tmp_path / str(dropout), num_train_epochs=1),
+                          train_dataset=token_dataset(), data_collator=PadCollator(),
+                          callbacks=[FreezeCallback(config)])
+        trainer.train()
+        trained.append(state_of(model)["bert.encoder.layer.3.output.dense.weight"])
+    assert not torch.allclose(trained[0], trained[1], atol=1e-6)

@@ -33,7 +33,7 @@ LABELS = {
     "cache_fixed": "static: fixed 2L/3 blocks from the start",
     "cache_schedule": "PipeTransformer: geometric schedule",
     "cache_schedule_schedulelinear_freeze_start0.1": "Composer: linear schedule from 10%",
-    "cache_gradnorm": "previous default: gradnorm (AutoFreeze's rule)",
+    "cache_gradnorm": "default: gradnorm (AutoFreeze's rule)",
     "cache_budget_target_speedup3.0_budget_planswitch": "budget 3x, switch",
     "cache_budget_target_speedup3.0_budget_planswitch_boundary_dropout0.1": "budget 3x, switch + boundary dropout 0.1",
     "cache_budget_target_speedup3.0_budget_planswitch_active_lr_scale3.0": "budget 3x, switch + active_lr_scale 3",

@@ -122,11 +122,13 @@ def plot(workload: str, rows: list[dict], points: list[dict], gap_label: str) ->
 
     fig, axis = plt.subplots(figsize=(8.5, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "os^D"  # a new marker each time the colours wrap, so no two methods look alike
     for index, row in enumerate(rows):
-        color = colors[index % len(colors)]
+        color, marker = colors[index % len(colors)], markers[index // len(colors) % len(markers)]
         mine = [p for p in points if p["method"] == row["_key"]]
-        axis.scatter([p["speedup"] for p in mine], [p["gap"] for p in mine], color=color, alpha=0.35, s=18)
-        axis.scatter([row["speed-up"]], [row["gap"]], color=color, s=70, edgecolor="black",
+        axis.scatter([p["speedup"] for p in mine], [p["gap"] for p in mine], color=color, marker=marker, alpha=0.35,
+                     s=18)
+        axis.scatter([row["speed-up"]], [row["gap"]], color=color, marker=marker, s=70, edgecolor="black",
                      label=f"{row['method']} ({len(mine)} seeds)")
     axis.axhline(0, color="gray", lw=0.8)
     if gap_label.startswith("accuracy"):

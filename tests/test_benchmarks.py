@@ -71,16 +71,17 @@ def fake_run(accuracy, wall, evals=()):
 
 
 def test_decision_pairs_each_seed_with_its_own_full_run():
+    key = "cache_budget_target_speedup3.0_budget_planswitch"
     methods = {
         "full": {1: fake_run(0.84, 300.0), 2: fake_run(0.82, 330.0)},
-        "cache_budget_target_speedup3.0_budget_planswitch": {1: fake_run(0.835, 100.0, [(0.80, 40.0), (0.836, 90.0)]),
-                                           2: fake_run(0.81, 100.0, [(0.81, 60.0)])},
+        key: {1: fake_run(0.835, 100.0, [(0.80, 40.0), (0.836, 90.0)]), 2: fake_run(0.81, 100.0, [(0.81, 60.0)])},
     }
     rows, points = decision.summarize("rt", methods)
-    budget = next(r for r in rows if r["_key"] == "cache_budget_target_speedup3.0_budget_planswitch")
+    budget = next(r for r in rows if r["_key"] == key)
     assert budget["gap"] == pytest.approx((-0.5 - 1.0) / 2)  # 83.5 - 84 and 81 - 82, not a difference of means
     assert budget["worst gap"] == pytest.approx(-1.0)
     assert budget["speed-up"] == pytest.approx((3.0 + 3.3) / 2)
+    assert budget["vs mean full"] == pytest.approx(315.0 / 100.0)  # both seeds against the mean full run (300, 330)
     # within 0.5 point: seed 1 at its second evaluation (300 / 90), seed 2 never (81 < 82 - 0.5)
     assert budget["to target (speed-up)"] == f"{300 / 90:.2f} (1/2)"
     assert len(points) == 4 and budget["method"] == "budget 3x, switch"

@@ -38,6 +38,9 @@ def test_the_wheel_holds_only_hf_freeze(tmp_path):
         if "=" in line:
             assert line.split("=", 1)[1].strip().startswith("hf_freeze"), line
     assert "recipes" not in entry_points
+    # every module of the source tree is in the wheel (an explicit package list in pyproject.toml misses new ones)
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "hf_freeze").rglob("*.py")}
+    assert sources <= set(names), sorted(sources - set(names))
 
 
 # The README's claim "one test file per module": a module `x.py` is tested in `tests/test_x.py`, except these,

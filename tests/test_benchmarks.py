@@ -175,3 +175,25 @@ def test_run_knobs_give_each_run_its_own_file(method, args, expected):
 def test_full_fine_tuning_takes_run_knobs_only():
     with pytest.raises(ValueError, match="full takes only the run knobs"):
         finetune.split_method("full:percentile=30")
+
+
+def test_a_one_epoch_full_run_lands_beside_the_protocols_run_not_over_it(tmp_path, monkeypatch):
+    ran = []
+
+    def run(command, **kwargs):  # stands in for the per-method subprocess
+        ran.append(command[command.index("--run-one") + 1])
+        Path(command[command.index("--out") + 1]).write_text(json.dumps({"final": {}}))
+
+    monkeypatch.setattr(finetune.subprocess, "run", run)
+    monkeypatch.setattr(finetune, "report", lambda args, results: None)
+    (tmp_path / "rt_seed42_full.json").write_text(json.dumps({"final": {}, "protocol": True}))
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--runs-dir", str(tmp_path), "--name", "rt_seed42", "--reuse",
+                                      "--epochs", "1", "--methods", "full"])
+    finetune.main()
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--runs-dir", str(tmp_path), "--name", "rt_seed42", "--reuse",
+                                      "--methods", "full", "full:epochs=1", "full:learning_rate=2e-4"])
+    finetune.main()
+    assert ran == ["full:epochs=1", "full:learning_rate=0.0002"]  # the 3-epoch run and the 1-epoch run reused
+    assert json.loads((tmp_path / "rt_seed42_full.json").read_text())["protocol"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rt_seed42_full.json", "rt_seed42_full_epochs1.json", "rt_seed42_full_learning_rate0.0002.json"]

@@ -57,6 +57,7 @@ LABELS = {
     "cache_budget_target_speedup2.0_budget_planswitch": "budget 2x, switch",
     "cache_budget_target_speedup3.0_budget_planramp": "budget 3x, ramp",
     "cache_budget_target_speedup3.0_budget_planramp_boundary_dropout0.1": "budget 3x, ramp + boundary dropout 0.1",
+    "cache_gradnorm_shareable_prefixtrue": "default + shareable_prefix (the base's prefix restored at each freeze)",
 }
 
 

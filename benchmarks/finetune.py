@@ -11,6 +11,13 @@ active blocks).
     python benchmarks/finetune.py --task causal_lm --max-train-samples 1000 --max-eval-samples 200
     python benchmarks/finetune.py --model mpnet                     # 12 blocks; meant for a GPU
     python benchmarks/finetune.py --methods full cache:gradnorm:percentile=30,max_boundary=4   # policy knobs
+    python benchmarks/finetune.py --methods full:epochs=1 full:learning_rate=1e-4   # run knobs: the frontier
+    python benchmarks/finetune.py --dataset convention_speeches --batch-size 8 --max-length 256   # 10 epochs
+
+A method may carry run knobs (`epochs`, `learning_rate`) beside its policy knobs: `full:epochs=1` is full
+fine-tuning for one epoch with its own schedule, kept as `<name>_full_epochs1.json` next to `<name>_full.json`.
+`--epochs` / `--learning-rate` away from the workload's default become the same knobs, so a run's file name always
+says how it differs from the workload's protocol.
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ from hf_freeze.profiling import count_saved_tensor_bytes
 from hf_freeze.report import StepTimerCallback
 
 METHODS = ["full", "lora", "freeze:gradnorm", "cache:gradnorm", "cache:schedule", "cache:fixed"]
+DEFAULT_EPOCHS = 3.0  # TrainingArguments' default, what users of the other workloads run
+DEFAULT_LEARNING_RATE = 5e-5
+RUN_KNOBS = ("epochs", "learning_rate")  # method knobs that change the run, not the policy
+# workloads whose users run more epochs than TrainingArguments' default: 151 long documents make 19 steps an epoch
+# at batch 8, and small-data fine-tuning runs about 10 epochs (the regime AutoFreeze and PipeTransformer report)
+WORKLOAD_EPOCHS = {"convention_speeches": 10.0}
 
 
 def main() -> None:
@@ -43,11 +56,14 @@ def main() -> None:
     parser.add_argument("--task", choices=["classification", "causal_lm"], default="classification")
     parser.add_argument("--model", default=None, help="default: minilm (classification) / smollm2 (causal_lm)")
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--dataset", default=None, help="default: rotten_tomatoes (see hf_freeze.data.load_raw)")
+    parser.add_argument("--dataset", default=None,
+                        help="default: rotten_tomatoes; offline: presidential_debates, convention_speeches (10 "
+                             "epochs: 151 long documents), hamlet; or files / a Hub name (hf_freeze.data.load_raw)")
     parser.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
-    parser.add_argument("--epochs", type=float, default=3, help="TrainingArguments' default")
+    parser.add_argument("--epochs", type=float, default=None,
+                        help=f"default: the workload's: {DEFAULT_EPOCHS:g} (TrainingArguments'), {WORKLOAD_EPOCHS}")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--lora-learning-rate", type=float, default=5e-4, help="LoRA's usual, higher rate")
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
@@ -64,13 +80,14 @@ def main() -> None:
     args = parser.parse_args()
     args.model = args.model or ("minilm" if args.task == "classification" else "smollm2")
     args.batch_size = args.batch_size or (32 if args.task == "classification" else 8)
+    args.epochs = args.epochs if args.epochs is not None else workload_epochs(args.dataset)
     if args.run_one:
         write_text_atomic(args.out, json.dumps(run_one(args, args.run_one), default=str))
         return
     args.name = args.name or f"finetune_{args.model}_{args.task}"
     runs = Path(args.runs_dir)  # write_text_atomic creates it
     results = {}
-    for method in args.methods:
+    for method in [resolve_method(m, args) for m in args.methods]:
         # each method's result is kept as soon as it exists, so a long benchmark can be resumed with --reuse
         saved = runs / f"{Path(args.name).name}_{method_file_name(method)}.json"
         if args.reuse and saved.exists():
@@ -89,6 +106,62 @@ def method_file_name(method: str) -> str:
     """The method as a file-name part: `cache:budget:target_speedup=3.0,boundary_dropout=0.1` ->
     `cache_budget_target_speedup3.0_boundary_dropout0.1`."""
     return method.replace(":", "_").replace(",", "_").replace("=", "").replace('"', "")
+
+
+def split_method(method: str) -> tuple[str, str, dict[str, float]]:
+    """`(kind, policy, run knobs)` of a method: `cache:gradnorm:percentile=30,epochs=1` -> `("cache",
+    "gradnorm:percentile=30", {"epochs": 1.0})`; `full:learning_rate=1e-4` -> `("full", "", {...: 0.0001})`."""
+    kind, _, rest = method.partition(":")
+    if kind in ("full", "lora"):
+        name, knobs = "", rest
+    else:
+        name, _, knobs = rest.partition(":")
+    policy_knobs, run = [], {}
+    for item in filter(None, knobs.split(",")):
+        key, sep, value = item.partition("=")
+        if key in RUN_KNOBS:
+            run[key] = float(value)
+        elif kind in ("full", "lora"):
+            raise ValueError(f"`{method}`: {kind} takes only the run knobs {list(RUN_KNOBS)}, got `{key}`.")
+        else:
+            policy_knobs.append(item)
+    policy = name + (":" + ",".join(policy_knobs) if policy_knobs else "")
+    return kind, policy, run
+
+
+def resolve_method(method: str, args) -> str:
+    """The method with its run knobs in one canonical form (`epochs`, then `learning_rate`, each `%g`), those
+    `--epochs` / `--learning-rate` set away from the workload's default included: the run's file name then says
+    how it differs from the protocol, and `full:learning_rate=1e-4` and `--learning-rate 0.0001` name one run."""
+    kind, policy, run = split_method(method)
+    if args.epochs != workload_epochs(args.dataset):
+        run.setdefault("epochs", args.epochs)
+    if args.learning_rate != DEFAULT_LEARNING_RATE and kind != "lora":  # LoRA trains at --lora-learning-rate
+        run.setdefault("learning_rate", args.learning_rate)
+    if run.get("epochs") == workload_epochs(args.dataset):
+        del run["epochs"]
+    if run.get("learning_rate") == (args.lora_learning_rate if kind == "lora" else DEFAULT_LEARNING_RATE):
+        del run["learning_rate"]
+    knobs = [policy.partition(":")[2]] if ":" in policy else []
+    knobs += [f"{key}={run[key]:g}" for key in RUN_KNOBS if key in run]
+    head = kind if kind in ("full", "lora") else f"{kind}:{policy.partition(':')[0]}"
+    return head + (":" + ",".join(filter(None, knobs)) if any(knobs) else "")
+
+
+def workload_epochs(dataset: str | None) -> float:
+    """The epochs the workload's users run: `DEFAULT_EPOCHS`, or the dataset's own count (`WORKLOAD_EPOCHS`)."""
+    return WORKLOAD_EPOCHS.get(dataset, DEFAULT_EPOCHS)
+
+
+def with_run_knobs(args, method: str):
+    """A copy of `args` with the method's run knobs applied (`epochs`, `learning_rate`; LoRA's rate for LoRA)."""
+    kind, _, run = split_method(method)
+    args = argparse.Namespace(**vars(args))
+    if "epochs" in run:
+        args.epochs = run["epochs"]
+    if "learning_rate" in run:
+        setattr(args, "lora_learning_rate" if kind == "lora" else "learning_rate", run["learning_rate"])
+    return args
 
 
 def forwarded(args) -> list[str]:
@@ -137,6 +210,7 @@ class AllReduceBytes(TrainerCallback):
 
 
 def run_one(args, method: str) -> dict:
+    args = with_run_knobs(args, method)
     torch.manual_seed(args.seed)
     if args.task == "classification":
         from hf_freeze.training import ClassificationArguments as Script
@@ -193,7 +267,7 @@ def make_args(args, output_dir: str, lora: bool, steps: int | None) -> TrainingA
 
 
 def build_trainer(method: str, model, common: dict, callbacks: list, num_blocks: int, task: str) -> Trainer:
-    kind, _, policy = method.partition(":")
+    kind, policy, _ = split_method(method)
     if kind == "full":
         return Trainer(model=model, callbacks=callbacks, **common)
     if kind == "lora":

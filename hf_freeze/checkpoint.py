@@ -557,13 +557,15 @@ def _load_suffix_tensors(model: nn.Module, suffix: dict[str, torch.Tensor], meta
 def _warn_if_prefix_trained(metadata: FreezeMetadata) -> None:
     """A prefix frozen after training began (an automatic policy) holds trained weights, not the base's: the suffix
     then loads only onto a model holding that trained prefix, and `load_suffix` refuses the original base."""
-    late = [event for event in metadata.timeline if event.get("step", 0) > 0]
+    # `base_restored`: FreezeConfig(shareable_prefix=True) put the base's weights back when the units froze
+    late = [event for event in metadata.timeline if event.get("step", 0) > 0 and not event.get("base_restored")]
     if late:
         logger.warning(
             "hf_freeze: the frozen prefix trained for %d optimizer steps before it froze (%s), so it is not %s's "
             "prefix: this suffix loads only onto a model that holds the trained prefix (e.g. the full checkpoint "
             "that `save_pretrained` writes), and `load_suffix` will refuse the original base. To share the base's "
-            "prefix, freeze before the first step (`FreezeConfig(policy='fixed', boundary=k)`).",
+            "prefix, freeze before the first step (`FreezeConfig(policy='fixed', boundary=k)`) or train with "
+            "`FreezeConfig(shareable_prefix=True)`.",
             late[0]["step"], ", ".join(f"step {e['step']}: boundary {e['boundary']}" for e in late),
             metadata.base_model or "the base",
         )

@@ -115,6 +115,15 @@ class FreezeConfig:
             "(frozen units / units), so fewer trainable blocks take larger steps (1: the schedule is left alone)."
         },
     )
+    shareable_prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the frozen prefix bit-identical to the base's, on any policy: when units freeze, their "
+            "weights as training began are put back and the blocks above adapt to them for the rest of the run. "
+            "The fine-tune then saves suffix-only on its base (`save_suffix`) and is served through the base's "
+            "shared prefix. Costs a CPU copy of the freezable units until each freezes (see hf_freeze.shareable)."
+        },
+    )
     max_boundary: int | None = field(
         default=None,
         metadata={

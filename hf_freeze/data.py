@@ -4,6 +4,7 @@ A dataset spec is one of:
 
 - `"rotten_tomatoes"`: the packaged Rotten Tomatoes snippets (`hf_freeze.assets`), text + label.
 - `"presidential_debates"`: the packaged 2016 debate statements, text + the speaker's party (3 classes).
+- `"convention_speeches"`: the packaged 2012 convention speeches (189 long documents), text + the party (2 classes).
 - `"hamlet"`: the packaged Hamlet text, one example per non-empty line.
 - a path ending in .csv/.json/.jsonl/.txt (or several, comma-separated): `datasets.load_dataset(<format>, ...)`.
 - anything else: `datasets.load_dataset(name)` from the Hub.
@@ -40,6 +41,8 @@ def load_raw(spec: str, seed: int = 0, test_fraction: float = 0.2) -> datasets.D
         return assets.rotten_tomatoes(test_fraction=test_fraction, seed=seed)
     if spec == "presidential_debates":
         return assets.presidential_debates(test_fraction=test_fraction, seed=seed)
+    if spec == "convention_speeches":
+        return assets.convention_speeches(test_fraction=test_fraction, seed=seed)
     if spec == "hamlet":
         data = datasets.load_dataset("text", data_files=str(assets.hamlet_path()), split="train")
         data = data.filter(lambda row: bool(row["text"].strip()))

@@ -69,3 +69,18 @@ def test_presidential_debates_give_each_statement_its_speakers_party():
     assert data["train"].features["label"].names == ["Democratic", "Republican", "Moderator"]
     assert set(data["test"]["label"]) == {0, 1, 2} and 0.15 < len(data["test"]) / len(texts) < 0.25
     assert assets.presidential_debates(seed=1)["test"]["text"][:5] != data["test"]["text"][:5]
+
+
+def test_convention_speeches_are_long_documents_split_deterministically_without_duplicates():
+    from hf_freeze.data import load_raw
+
+    data = load_raw("convention_speeches", seed=42)
+    train, test = list(data["train"]["text"]), list(data["test"]["text"])
+    assert (len(train), len(test)) == (151, 38)  # the sizes benchmarks/decision.py states
+    assert len(set(train)) == len(train) and len(set(test)) == len(test) and not set(train) & set(test)
+    assert data["train"].features["label"].names == ["democrat", "republican"]
+    assert set(data["test"]["label"]) == {0, 1}  # stratified: both parties in the small test split
+    assert sorted(len(t.split()) for t in train + test)[len(train + test) // 2] > 500  # long: median > 500 words
+    again = load_raw("convention_speeches", seed=42)
+    assert list(again["test"]["text"]) == test and list(again["train"]["label"]) == list(data["train"]["label"])
+    assert list(load_raw("convention_speeches", seed=1)["test"]["text"]) != test

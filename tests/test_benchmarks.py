@@ -85,3 +85,115 @@ def test_decision_pairs_each_seed_with_its_own_full_run():
     # within 0.5 point: seed 1 at its second evaluation (300 / 90), seed 2 never (81 < 82 - 0.5)
     assert budget["to target (speed-up)"] == f"{300 / 90:.2f} (1/2)"
     assert len(points) == 4 and budget["method"] == "budget 3x, switch"
+
+
+def test_frontier_keeps_improving_points_and_interpolates_between_them():
+    # accuracy: epoch 2 (83) beats epoch 3 (82.5), which is dropped; flat after the best point
+    front = decision.pareto_front([(300.0, 82.5), (100.0, 80.0), (200.0, 83.0), (120.0, 79.0)], True)
+    assert front == [(100.0, 80.0), (200.0, 83.0)]
+    assert decision.frontier_score(front, 150.0) == pytest.approx(81.5)
+    assert decision.frontier_score(front, 250.0) == 83.0 and decision.frontier_score(front, 99.0) is None
+    assert decision.frontier_seconds(front, 81.5, True) == pytest.approx((150.0, True))
+    assert decision.frontier_seconds(front, 85.0, True) == (None, True)  # no full run got there
+    assert decision.frontier_seconds(front, 70.0, True) == (100.0, False)  # at the first point at the latest
+
+
+def test_frontier_for_perplexity_runs_downhill():
+    front = decision.pareto_front([(100.0, 80.0), (200.0, 70.0), (300.0, 75.0)], False)
+    assert front == [(100.0, 80.0), (200.0, 70.0)]
+    assert decision.frontier_score(front, 150.0) == pytest.approx(75.0)
+    assert decision.frontier_seconds(front, 75.0, False) == pytest.approx((150.0, True))
+    assert decision.frontier_seconds(front, 65.0, False) == (None, True)
+    assert decision.gap_of(78.75, 75.0, False) == pytest.approx(5.0)  # 5% higher perplexity: worse
+    assert decision.gap_of(81.0, 80.0, True) == pytest.approx(1.0)
+
+
+def epoch_run(wall, evals, final=None, key="eval_accuracy"):
+    """A run whose evaluations (wall-clock, score) ran inside train(), plus the one finetune.py runs after it."""
+    final = evals[-1][1] if final is None else final
+    return {"final": {key: final}, "wall_seconds": wall, "train_seconds": wall - 10, "final_boundary": None,
+            "evals": [{key: s, "wall_seconds": t} for t, s in evals] + [{key: final, "wall_seconds": wall + 20}]}
+
+
+def test_frontier_gap_is_paired_per_seed_over_every_full_run():
+    methods = {
+        # seed 1: epochs at 100/200/300 s; a 1-epoch run with its own schedule adds (90 s, 0.81)
+        "full": {1: epoch_run(300.0, [(100.0, 0.80), (200.0, 0.83), (300.0, 0.84)]),
+                 2: epoch_run(300.0, [(100.0, 0.70), (200.0, 0.74), (300.0, 0.76)])},
+        "full_epochs1": {1: epoch_run(90.0, [(90.0, 0.81)])},
+        "cache_gradnorm": {1: epoch_run(150.0, [(150.0, 0.83)]), 2: epoch_run(80.0, [(80.0, 0.71)])},
+    }
+    rows, points = decision.summarize("rt", methods)
+    row = next(r for r in rows if r["_key"] == "cache_gradnorm")
+    # seed 1 at 150 s: frontier 81 + (83 - 81) * 60 / 110 (the 1-epoch run replaced the epoch-1 evaluation);
+    # seed 2 at 80 s is before its first point (100 s, 70%): compared with that point and counted
+    seed1 = 83 - (81 + 2 * 60 / 110)
+    assert row["frontier gap"] == pytest.approx((seed1 + 1.0) / 2)
+    assert row["before frontier"] == "1/2"
+    # speed-up at equal score: seed 1 reaches 83% at 200 s (200 / 150), seed 2 reaches 71% at 125 s (125 / 80)
+    assert row["speed-up at equal score"] == f"{(200 / 150 + 125 / 80) / 2:.2f}"
+    assert next(r for r in rows if r["_key"] == "full_epochs1")["method"] == "full fine-tuning, 1 epoch"
+    # full's own run sits on its frontier; the evaluation after train() (wall + 20 s) is not a point of its own
+    assert next(r for r in rows if r["_key"] == "full")["frontier gap"] == pytest.approx(0.0)
+
+
+def test_frontier_gap_of_a_perplexity_run_is_a_percent_change_against_the_lowest_perplexity_so_far():
+    key = "eval_perplexity"
+    methods = {"full": {1: epoch_run(300.0, [(100.0, 80.0), (200.0, 90.0), (300.0, 100.0)], key=key)},
+               "cache_gradnorm": {1: epoch_run(250.0, [(250.0, 88.0)], key=key)}}
+    rows, _ = decision.summarize("smollm2", methods)
+    row = next(r for r in rows if r["_key"] == "cache_gradnorm")
+    assert row["frontier gap"] == pytest.approx(10.0)  # 88 against the 80 reached at 100 s: 10% worse
+    assert row["gap"] == pytest.approx(-12.0)  # against the 3-epoch run's final 100: 12% better
+    assert row["speed-up at equal score"] == "<=0.40"  # the frontier was at 88 or better by 100 s
+
+
+@pytest.mark.parametrize("method, args, expected", [
+    ("full", {}, "full"),
+    ("full:epochs=1", {}, "full_epochs1"),
+    ("full:learning_rate=1e-4", {}, "full_learning_rate0.0001"),
+    ("full", {"learning_rate": 1e-4}, "full_learning_rate0.0001"),
+    ("full", {"epochs": 2.0}, "full_epochs2"),
+    ("full:epochs=3", {}, "full"),  # the protocol's own epochs name the protocol's run
+    ("lora", {"learning_rate": 1e-4}, "lora"),  # LoRA trains at --lora-learning-rate
+    ('cache:budget:target_speedup=3.0,budget_plan="switch"', {}, "cache_budget_target_speedup3.0_budget_planswitch"),
+    ("cache:gradnorm:percentile=30,epochs=1", {}, "cache_gradnorm_percentile30_epochs1"),
+    ("full", {"dataset": "convention_speeches", "epochs": 10.0}, "full"),
+    ("full:epochs=3", {"dataset": "convention_speeches", "epochs": 10.0}, "full_epochs3"),
+])
+def test_run_knobs_give_each_run_its_own_file(method, args, expected):
+    namespace = SimpleNamespace(**{"epochs": 3.0, "learning_rate": 5e-5, "lora_learning_rate": 5e-4,
+                                   "dataset": None, **args})
+    resolved = finetune.resolve_method(method, namespace)
+    assert finetune.method_file_name(resolved) == expected
+    applied = finetune.with_run_knobs(namespace, resolved)
+    kind, policy, run = finetune.split_method(resolved)
+    assert applied.epochs == run.get("epochs", namespace.epochs)
+    assert "epochs" not in policy and "learning_rate" not in policy
+
+
+def test_full_fine_tuning_takes_run_knobs_only():
+    with pytest.raises(ValueError, match="full takes only the run knobs"):
+        finetune.split_method("full:percentile=30")
+
+
+def test_a_one_epoch_full_run_lands_beside_the_protocols_run_not_over_it(tmp_path, monkeypatch):
+    ran = []
+
+    def run(command, **kwargs):  # stands in for the per-method subprocess
+        ran.append(command[command.index("--run-one") + 1])
+        Path(command[command.index("--out") + 1]).write_text(json.dumps({"final": {}}))
+
+    monkeypatch.setattr(finetune.subprocess, "run", run)
+    monkeypatch.setattr(finetune, "report", lambda args, results: None)
+    (tmp_path / "rt_seed42_full.json").write_text(json.dumps({"final": {}, "protocol": True}))
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--runs-dir", str(tmp_path), "--name", "rt_seed42", "--reuse",
+                                      "--epochs", "1", "--methods", "full"])
+    finetune.main()
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--runs-dir", str(tmp_path), "--name", "rt_seed42", "--reuse",
+                                      "--methods", "full", "full:epochs=1", "full:learning_rate=2e-4"])
+    finetune.main()
+    assert ran == ["full:epochs=1", "full:learning_rate=0.0002"]  # the 3-epoch run and the 1-epoch run reused
+    assert json.loads((tmp_path / "rt_seed42_full.json").read_text())["protocol"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "rt_seed42_full.json", "rt_seed42_full_epochs1.json", "rt_seed42_full_learning_rate0.0002.json"]

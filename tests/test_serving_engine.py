@@ -19,6 +19,7 @@ from hf_freeze.serving import (
     WrongTaskError,
 )
 from hf_freeze.serving.engine import _length_buckets
+from hf_freeze.serving.scheduler import GenerationScheduler
 
 FAMILIES = list(CONFIGS)
 CAUSAL = [f for f in FAMILIES if (f, "causal") not in UNSUPPORTED]
@@ -39,6 +40,15 @@ def _engine(family: str, head: str, boundaries=BOUNDARIES, **kwargs):
 def _mixed(models, count=12, seed=0, cls=Request, **kwargs):
     names = list(models)
     return [cls(ids, model=names[i % len(names)], **kwargs) for i, ids in enumerate(random_ids(count, seed))]
+
+
+def _generate(engine, requests):
+    return GenerationScheduler(engine).generate(requests)
+
+
+def _layout(engine, name):
+    """The layout of the engine's own copy of model `name` (`None`: the base): what it runs."""
+    return get_layout(engine.models[name or engine.base_name].model)
 
 
 def _own(model, ids, **kwargs):
@@ -84,7 +94,7 @@ def test_score_equals_own_log_likelihood(family):
 def test_greedy_generation_is_token_identical_to_own_generate(family):
     engine, models = _engine(family, "causal", boundaries=(1, 2, 3))
     requests = _mixed(models, count=10, seed=5, cls=GenerationRequest, max_new_tokens=7)
-    results = engine.generate(requests)
+    results = _generate(engine, requests)
     for model_name, model in models.items():
         rows = [i for i, r in enumerate(requests) if r.model == model_name]
         # the model's own generate on its own rows, left-padded the same way
@@ -106,16 +116,16 @@ def test_greedy_generation_is_token_identical_to_own_generate(family):
 def test_generation_stops_at_stop_tokens_and_max_tokens_and_samples_reproducibly():
     engine, models = _engine("llama", "causal", boundaries=(2,))
     prompt = random_ids(1, 7)[0]
-    greedy = engine.generate([GenerationRequest(prompt, model="k2", max_new_tokens=6)])[0]
+    greedy = _generate(engine, [GenerationRequest(prompt, model="k2", max_new_tokens=6)])[0]
     assert len(greedy.token_ids) == 6 and greedy.finish_reason == "length"
     stop = greedy.token_ids[2]
-    stopped = engine.generate([GenerationRequest(prompt, model="k2", max_new_tokens=6, stop_token_ids=[stop])])[0]
+    stopped = _generate(engine, [GenerationRequest(prompt, model="k2", max_new_tokens=6, stop_token_ids=[stop])])[0]
     first = greedy.token_ids.index(stop)
     assert stopped.token_ids == greedy.token_ids[: first + 1] and stopped.finish_reason == "eos"
     sample = dict(model="k2", max_new_tokens=8, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=3)
-    a, b = engine.generate([GenerationRequest(prompt, **sample), GenerationRequest(prompt, **sample)])
+    a, b = _generate(engine, [GenerationRequest(prompt, **sample), GenerationRequest(prompt, **sample)])
     assert a.token_ids == b.token_ids  # same seed, same tokens, whatever the batch
-    others = {tuple(engine.generate([GenerationRequest(prompt, **{**sample, "seed": s})])[0].token_ids)
+    others = {tuple(_generate(engine, [GenerationRequest(prompt, **{**sample, "seed": s})])[0].token_ids)
               for s in range(4, 10)}
     assert len(others) > 1  # sampling really samples
 
@@ -129,10 +139,10 @@ def _count_calls(module):
 def test_a_mixed_batch_runs_the_shared_prefix_once():
     engine, models = _engine("bert", "seq", boundaries=(2, 3), max_padding=None)  # no split by length
     engine.predict(_mixed(models, count=3, seed=1))  # warm-up: each runner learns its blocks' output format once
-    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
-    base_block2, h2 = _count_calls(get_layout(models[None]).blocks[2])
-    own_prefix = [_count_calls(get_layout(models[name]).blocks[0]) for name in ("k2", "k3")]
-    own_block3 = [_count_calls(get_layout(models[name]).blocks[3]) for name in ("k2", "k3")]
+    base_block0, h0 = _count_calls(_layout(engine, None).blocks[0])
+    base_block2, h2 = _count_calls(_layout(engine, None).blocks[2])
+    own_prefix = [_count_calls(_layout(engine, name).blocks[0]) for name in ("k2", "k3")]
+    own_block3 = [_count_calls(_layout(engine, name).blocks[3]) for name in ("k2", "k3")]
     engine.predict(_mixed(models, count=9))
     assert len(base_block0) == 1  # blocks [0, 2): once for all 9 rows of 3 models
     assert len(base_block2) == 2  # block 2 is frozen for k3 (advance) and the base (advance to 4): 2 groups
@@ -167,9 +177,9 @@ def test_the_same_input_for_several_finetunes_runs_the_prefix_once(family):
     expected = {(name, tuple(x)): _own(model, x).logits[0] for name, model in models.items() for x in (ids, other)}
     engine.predict([Request(ids, model=m) for m in models])  # warm-up: the runners learn their blocks' outputs
     separate.predict([Request(ids, model=m) for m in models])
-    block0, h0 = _count_rows(get_layout(base).blocks[0])
-    block2, h2 = _count_rows(get_layout(base).blocks[2])
-    own_prefix = {name: _count_rows(get_layout(model).blocks[0]) for name, model in models.items()}
+    block0, h0 = _count_rows(_layout(engine, None).blocks[0])
+    block2, h2 = _count_rows(_layout(engine, None).blocks[2])
+    own_prefix = {name: _count_rows(_layout(engine, name).blocks[0]) for name in models}
     fanout = [Request(ids, model=m) for m in models]
     answers = engine.predict(fanout)
     assert block0 == [1]  # one prefix row for the four fine-tunes
@@ -185,11 +195,12 @@ def test_the_same_input_for_several_finetunes_runs_the_prefix_once(family):
         torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
     assert block0 == [2]  # one row per distinct input
 
-    block0.clear()
+    base_block0, hb = _count_rows(_layout(separate, None).blocks[0])
+    full = {name: _count_rows(_layout(separate, name).blocks[0]) for name in models}
     for request, logits in zip(fanout, separate.predict(fanout), strict=True):  # the baseline: full forwards
         torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
-    assert block0 == [] and all(rows == [1] for rows, _ in own_prefix.values())
-    for handle in [h0, h2, *(h for _, h in own_prefix.values())]:
+    assert base_block0 == [] and all(rows == [1] for rows, _ in full.values())
+    for handle in [h0, h2, hb, *(h for _, h in [*own_prefix.values(), *full.values()])]:
         handle.remove()
 
 
@@ -207,7 +218,7 @@ def test_repeated_inputs_hit_the_cache_and_skip_the_prefix():
     requests = _mixed(models, count=6)
     first = engine.predict(requests)
     assert (engine.cache.hits, engine.cache.misses) == (0, 6)
-    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    calls, handle = _count_calls(_layout(engine, None).blocks[0])
     second = engine.predict(requests)
     handle.remove()
     assert engine.cache.hits == 6 and not calls  # every row from the cache: no prefix block ran
@@ -232,7 +243,7 @@ def test_unknown_model_wrong_task_and_bad_inputs_are_refused():
     with pytest.raises(UnknownModelError, match="served models: \\['base', 'k2'\\]"):
         engine.predict([Request([5, 6], model="nope")])
     with pytest.raises(WrongTaskError, match="cannot generate"):
-        engine.generate([GenerationRequest([5, 6], model="k2")])
+        _generate(engine, [GenerationRequest([5, 6], model="k2")])
     with pytest.raises(ValueError, match="no tokens"):
         engine.predict([Request([], model="k2")])
     with pytest.raises(ValueError, match="exceeds the 512 positions"):
@@ -247,7 +258,7 @@ def test_a_model_with_sliding_window_layers_is_refused_generation_up_front():
     engine = ServingEngine(T.MistralForCausalLM(config).eval())
     assert engine.models["base"].tasks == ("score",)
     with pytest.raises(WrongTaskError, match="cannot generate"):
-        engine.generate([GenerationRequest([5, 6, 7])])
+        _generate(engine, [GenerationRequest([5, 6, 7])])
 
 
 def test_length_buckets_bound_the_padding_and_cover_every_row():
@@ -265,7 +276,7 @@ def test_a_batch_split_by_length_still_equals_own_forward():
     engine, models = _engine("llama", "seq", boundaries=(2,))
     ids = [[7] * 3, [8] * 30, [9] * 4, [10] * 29]
     requests = [Request(i, model=m) for i in ids for m in ("k2", None)]
-    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    calls, handle = _count_calls(_layout(engine, None).blocks[0])
     answers = engine.predict(requests)
     handle.remove()
     assert len(calls) >= 2  # long and short inputs ran in separate prefix forwards
@@ -275,13 +286,13 @@ def test_a_batch_split_by_length_still_equals_own_forward():
 
 def test_each_decoding_step_runs_the_shared_prefix_once_for_all_rows():
     engine, models = _engine("qwen2", "causal", boundaries=(1, 2))
-    engine.generate([GenerationRequest([5, 6], model=m, max_new_tokens=1) for m in ("k1", "k2", None)])  # warm-up
-    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
-    own = {name: _count_calls(get_layout(models[name]).blocks[0]) for name in ("k1", "k2")}
-    last = {name: _count_calls(get_layout(models[name]).blocks[3]) for name in ("k1", "k2")}
+    _generate(engine, [GenerationRequest([5, 6], model=m, max_new_tokens=1) for m in ("k1", "k2", None)])  # warm-up
+    base_block0, h0 = _count_calls(_layout(engine, None).blocks[0])
+    own = {name: _count_calls(_layout(engine, name).blocks[0]) for name in ("k1", "k2")}
+    last = {name: _count_calls(_layout(engine, name).blocks[3]) for name in ("k1", "k2")}
     requests = [GenerationRequest(ids, model=["k1", "k2", None][i % 3], max_new_tokens=5, stop_token_ids=())
                 for i, ids in enumerate(random_ids(6, 8))]
-    results = engine.generate(requests)
+    results = _generate(engine, requests)
     steps = max(len(r.token_ids) for r in results)
     assert len(base_block0) == steps  # one prefix forward per step for the 6 rows of 3 models
     assert all(len(calls) == 0 for calls, _ in own.values())  # no fine-tune ran its frozen blocks

@@ -299,3 +299,89 @@ def test_each_decoding_step_runs_the_shared_prefix_once_for_all_rows():
     assert all(len(calls) == steps for calls, _ in last.values())  # one suffix forward per model per step
     for _, handle in [(None, h0), *own.values(), *last.values()]:
         handle.remove()
+
+
+@pytest.mark.parametrize(("family", "field", "value"), [
+    ("llama", "rope_theta", 500.0), ("bert", "layer_norm_eps", 1e-3), ("qwen2", "hidden_act", "gelu")])
+def test_a_finetune_whose_config_changes_the_prefix_is_served_without_sharing_it(family, field, value):
+    base = tiny_model(family, "seq").eval()
+    engine = ServingEngine(base)
+    finetune = perturbed_finetune(family, "seq", 2, seed=4, base=base)
+    if field == "rope_theta":  # transformers 5 keeps it in rope_parameters
+        finetune.config.rope_parameters = {**finetune.config.rope_parameters, "rope_theta": value}
+        finetune.model.rotary_emb = type(finetune.model.rotary_emb)(finetune.config)
+    else:
+        setattr(finetune.config, field, value)
+        if field == "layer_norm_eps":
+            for module in finetune.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.eps = value
+        else:
+            finetune = type(finetune)(finetune.config).eval().requires_grad_(False)
+            finetune.load_state_dict(perturbed_finetune(family, "seq", 2, seed=4, base=base).state_dict())
+    served = engine.add_model("ft", finetune, boundary=2)
+    assert not served.shares_prefix and served.unshared_reason
+    assert field.split("_")[0] in served.unshared_reason  # the differing field is named
+    requests = [Request(ids, model="ft") for ids in random_ids(4, seed=6, min_len=6)]
+    for request, logits in zip(requests, engine.predict(requests), strict=True):
+        torch.testing.assert_close(logits, _own(finetune, request.input_ids).logits[0], rtol=TOL, atol=TOL)
+    assert engine.add_model("same", perturbed_finetune(family, "seq", 2, seed=4, base=base)).shares_prefix
+
+
+def test_a_user_calling_their_own_model_while_it_is_served_gets_their_own_outputs():
+    import threading
+
+    engine, models = _engine("llama", "seq", boundaries=(2,))
+    ids = random_ids(1, seed=3, min_len=8)[0]
+    expected = {name: _own(model, ids).logits for name, model in models.items()}
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            engine.predict(_mixed(models, count=6, seed=1))
+
+    server = threading.Thread(target=serve)
+    server.start()
+    wrong = 0
+    try:
+        with torch.no_grad():
+            for _ in range(150):
+                for name, model in models.items():
+                    wrong += not torch.allclose(_own(model, ids).logits, expected[name], atol=TOL)
+    finally:
+        stop.set()
+        server.join()
+    assert wrong == 0
+    assert all(engine.models[n or "base"].model is not m for n, m in models.items())  # the engine's own copies
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_bfloat16_serving_equals_the_models_own_bfloat16_forward(family):
+    base = tiny_model(family, "seq").eval()
+    engine = ServingEngine(base, dtype="bfloat16")
+    finetune = perturbed_finetune(family, "seq", 2, seed=8, base=base)
+    engine.add_model("k2", finetune)
+    assert next(engine.base.parameters()).dtype == torch.bfloat16 and next(base.parameters()).dtype == torch.float32
+    requests = _mixed({None: base, "k2": finetune}, count=8, seed=2)
+    own = {None: base.to(torch.bfloat16), "k2": finetune.to(torch.bfloat16)}
+    for request, logits in zip(requests, engine.predict(requests), strict=True):
+        expected = _own(own[request.model], request.input_ids).logits[0].float()
+        torch.testing.assert_close(logits, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_bfloat16_trained_suffix_is_served_in_bfloat16_and_refused_in_float32_naming_the_dtype(tmp_path):
+    from hf_freeze.checkpoint import save_suffix
+
+    base = tiny_model("llama", "causal").eval()
+    base.save_pretrained(tmp_path / "base")
+    trained = perturbed_finetune("llama", "causal", 2, seed=9, base=base).to(torch.bfloat16)  # trained in bf16
+    save_suffix(trained, tmp_path / "suffix")
+    engine = ServingEngine.from_pretrained(tmp_path / "base", {"ft": tmp_path / "suffix"}, dtype="bfloat16")
+    assert engine.models["ft"].shares_prefix
+    ids = random_ids(3, seed=4, min_len=5)
+    for i, scores in zip(ids, engine.score([Request(i, model="ft") for i in ids]), strict=True):
+        logits = _own(trained, i).logits[0].float()
+        expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(i[1:])[:, None])[:, 0]
+        torch.testing.assert_close(scores, expected, rtol=3e-2, atol=3e-2)
+    with pytest.raises(BaseMismatchServingError, match="in float32.*dtype"):
+        ServingEngine.from_pretrained(tmp_path / "base", {"ft": tmp_path / "suffix"})

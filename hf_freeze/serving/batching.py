@@ -47,6 +47,8 @@ class DynamicBatcher:
             generation); an input larger than the budget runs alone.
         max_queue (`int`, defaults to 1024): inputs waiting at most; beyond it `submit` raises `OverloadedError`.
         on_batch (`Callable[[str, int, int], None]`, *optional*): called with (task, inputs, tokens) per engine call.
+        continuous (`bool`, defaults to `True`): `False` runs each generation batch to its end before anything else
+            (the run-to-end baseline that the serving benchmark measures continuous batching against).
 
     Example:
         ```python
@@ -59,7 +61,8 @@ class DynamicBatcher:
     """
 
     def __init__(self, engine: ServingEngine, *, max_wait_ms: float = 5.0, max_batch_tokens: int = 8192,
-                 max_queue: int = 1024, on_batch: Callable[[str, int, int], None] | None = None) -> None:
+                 max_queue: int = 1024, on_batch: Callable[[str, int, int], None] | None = None,
+                 continuous: bool = True) -> None:
         if max_wait_ms < 0 or max_batch_tokens < 1 or max_queue < 1:
             raise ValueError(f"Need max_wait_ms >= 0, max_batch_tokens >= 1 and max_queue >= 1; got {max_wait_ms}, "
                              f"{max_batch_tokens}, {max_queue}.")
@@ -75,6 +78,7 @@ class DynamicBatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.scheduler = GenerationScheduler(engine, max_batch_tokens=max_batch_tokens)
+        self.continuous = continuous
 
     @property
     def queued(self) -> int:
@@ -170,6 +174,8 @@ class DynamicBatcher:
                 else:
                     self._run(task, jobs)
             if self.scheduler.busy:
+                self.scheduler.step()
+            while not self.continuous and self.scheduler.busy:
                 self.scheduler.step()
 
     def _admit(self, jobs: list[_Job]) -> None:

@@ -114,6 +114,10 @@ class ServingEngine:
         copy (`bool`, defaults to `True`): deep-copy `base` (the engine owns what it serves; see the module
             docstring). `False` takes the object itself, for callers that hand over a model nobody else uses.
 
+    Attributes:
+        lock (`threading.Lock`): held while a batch runs the served models (stand-in blocks are swapped into them);
+            whoever else runs them (the generation scheduler) holds it too.
+
     Example:
         ```python
         engine = ServingEngine(base_model)
@@ -146,7 +150,7 @@ class ServingEngine:
         self._prefix_fingerprints: dict[int, str] = {self.num_blocks: self.fingerprint}
         self.cache = StateCache(cache_bytes)
         self.models: dict[str, ServedModel] = {}
-        self._lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
+        self.lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
         self._register(base_name, base, self.num_blocks, parent=None)
 
     # ----------------------------------------------------------------------------------------------- models
@@ -347,7 +351,7 @@ class ServingEngine:
     def _run(self, task: str, requests: Sequence[Request]) -> list[tuple[Any, int]]:
         """Forward every request for `task`; returns, per request, (its model's output, its row in it)."""
         self.validate(task, requests)
-        with self._lock:
+        with self.lock:
             states = self._boundary_states(requests)
             by_model: dict[str, list[int]] = defaultdict(list)
             for i, request in enumerate(requests):

@@ -169,7 +169,7 @@ class DecodeBatch:
 
     def _layer_of(self, i: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._owner(i, layer)
-        row = self.members[key].index(i)
+        row = self.slots[key][i]
         cached = self.caches[key].layers[layer]
         return cached.keys[row], cached.values[row]
 
@@ -214,6 +214,7 @@ class DecodeBatch:
             self.members[("model", name)] = rows
             self.caches[("model", name)] = partial_cache(served.model, num_blocks, skipped, self.clock)
             layers[("model", name)] = range(skipped, num_blocks)
+        self.slots = {key: {i: row for row, i in enumerate(rows)} for key, rows in self.members.items()}
         if kv is None:
             return
         for key, rows in self.members.items():

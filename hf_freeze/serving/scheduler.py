@@ -134,7 +134,8 @@ class GenerationScheduler:
         if self._running:
             running = list(self._running)
             try:
-                logits = self._batch.forward()
+                with self.engine.lock:
+                    logits = self._batch.forward()
             except Exception as error:  # the forward failed: its rows cannot continue
                 logger.exception("A decoding step failed")
                 for entry in running:
@@ -187,7 +188,8 @@ class GenerationScheduler:
     def _prefill(self, entries: list[_Entry]) -> tuple[DecodeBatch, list[_Entry]] | None:
         try:
             batch = DecodeBatch(self.engine, [e.row for e in entries])
-            logits = batch.forward()
+            with self.engine.lock:
+                logits = batch.forward()
         except Exception as error:
             logger.exception("A prefill failed")
             for entry in entries:

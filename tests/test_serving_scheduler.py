@@ -215,3 +215,19 @@ def test_a_client_that_leaves_the_stream_stops_its_row():
             time.sleep(0.05)
         assert not scheduler.busy  # the row stopped long before its 500 tokens
         assert scheduler.steps < 400
+
+
+def test_a_client_that_leaves_generate_stops_its_row_and_is_counted_as_499():
+    engine, _ = _engine("llama", boundaries=(2,))
+    app = create_app(engine, max_wait_ms=1)
+    with serve_in_thread(app) as url:
+        with pytest.raises(httpx.TimeoutException):  # the client gives up long before 1,500 tokens
+            httpx.post(f"{url}/generate", json={"inputs": [5, 6, 7], "parameters": {"max_new_tokens": 1500}},
+                       timeout=0.5)
+        scheduler = app.state.batcher.scheduler
+        deadline = time.monotonic() + 30
+        while scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not scheduler.busy and scheduler.steps < 1400
+        assert httpx.post(f"{url}/generate", json={"inputs": [5, 6], "parameters": {"max_new_tokens": 2}}).json()
+        assert 'route="/generate",status="499"' in httpx.get(f"{url}/metrics").text

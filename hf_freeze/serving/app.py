@@ -48,6 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
 from .requests import (
+    ClientClosedError,
     EmbedRequest,
     GenerationRequest,
     PayloadTooLargeError,
@@ -174,12 +175,24 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             out.append(ids)
         return out, single
 
-    async def run(task: str, requests: list[Request]) -> list[Any]:
+    async def run(task: str, requests: list[Request], client: HttpRequest | None = None) -> list[Any]:
+        """The engine's answers; with `client`, its inputs are cancelled when that client disconnects."""
         if not batcher.alive:  # its futures would never be answered
             raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
         futures = batcher.submit(task, requests)
         queued.set(batcher.queued)
-        return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        answers = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        if client is None:
+            return await answers
+        watcher = asyncio.create_task(_cancel_on_disconnect(client, futures))
+        try:
+            return await answers
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():  # the client left: answer (to nobody) without a traceback
+                raise ClientClosedError("The client closed the connection; its inputs were cancelled.") from None
+            raise
+        finally:
+            watcher.cancel()
 
     async def parse(request: HttpRequest, task: str) -> tuple[dict[str, Any], ServedModel, list[list[int]], bool]:
         """The body, the served model it names for `task`, its inputs as token ids, and whether it sent one."""
@@ -237,7 +250,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             requests = [GenerationRequest(i, model=served.name, **params) for i in ids]
         except TypeError as error:
             raise ServingError(f"Bad generation parameters: {error}.") from error
-        results = await run("generate", requests)
+        results = await run("generate", requests, client=request)  # a client that leaves stops its rows
         answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True) if tokenizer else None,
                     "token_ids": r.token_ids,
                     "details": {"finish_reason": r.finish_reason, "generated_tokens": len(r.token_ids)}}
@@ -317,6 +330,16 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = No
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+async def _cancel_on_disconnect(client: HttpRequest, futures: list[Any]) -> None:
+    """Cancel `futures` once `client` has disconnected (a generation row then stops at its next step). The body
+    has been read, so the next ASGI message is the disconnect (`is_disconnected()` does not see it behind the
+    measuring middleware)."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
+    for future in futures:
+        future.cancel()
 
 
 async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):

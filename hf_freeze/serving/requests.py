@@ -46,6 +46,13 @@ class UnavailableError(ServingError):
     status = 503
 
 
+class ClientClosedError(ServingError):
+    """The client disconnected before its answer was ready (nginx's 499); its inputs were cancelled."""
+
+    error_type = "client_closed"
+    status = 499
+
+
 class BaseMismatchServingError(ValueError):
     """A fine-tune's frozen prefix is not the base's (raised at load time, never per request)."""
 

@@ -7,7 +7,8 @@ A `GenerationScheduler` keeps one running `DecodeBatch`. Each `step()`:
 3. decodes one token for every row that was already running;
 4. answers the rows that finished (EOS, a stop token, their length) and removes them, then merges the newcomers in.
 A step is one prefill and one decoding forward at most, so whoever calls `step()` between other work (the
-`DynamicBatcher`'s worker does, between its batches) makes that work wait at most one step. A row whose sampling
+`DynamicBatcher`'s worker does, between its batches) makes that work wait at most one step. One thread steps a
+scheduler; any thread may `submit` or cancel. A row whose sampling
 raises fails alone; an error in a forward fails the rows of that forward.
 
 Example:

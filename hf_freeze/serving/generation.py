@@ -111,7 +111,7 @@ def generation_config(model: nn.Module, request: GenerationRequest, prompt_lengt
 
 
 @dataclass
-class Sequence:
+class DecodeRow:
     """One prompt being decoded: its model, sampler, and the tokens so far."""
 
     request: GenerationRequest
@@ -131,10 +131,10 @@ class DecodeBatch:
 
     Args:
         engine (`ServingEngine`): the engine whose models the sequences use.
-        sequences (`list[Sequence]`): the rows, in order.
+        sequences (`list[DecodeRow]`): the rows, in order.
     """
 
-    def __init__(self, engine: ServingEngine, sequences: list[Sequence]) -> None:
+    def __init__(self, engine: ServingEngine, sequences: list[DecodeRow]) -> None:
         self.engine = engine
         self.sequences = list(sequences)
         self.device = execution_device(engine.base_layout.embeddings[0])

@@ -32,8 +32,7 @@ import torch
 
 from ..layout import execution_device
 from .engine import ServingEngine
-from .generation import DecodeBatch, RowSampler
-from .generation import Sequence as _Row
+from .generation import DecodeBatch, DecodeRow, RowSampler
 from .requests import GenerationRequest, GenerationResult
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ class _Entry:
     future: Future
     on_token: TokenCallback | None
     tokens: int = 0
-    row: _Row | None = field(default=None, repr=False)
+    row: DecodeRow | None = field(default=None, repr=False)
 
 
 class GenerationScheduler:
@@ -173,7 +172,7 @@ class GenerationScheduler:
                     if entry.row is None:
                         served = self.engine.models[entry.request.model or self.engine.base_name]
                         sampler = RowSampler(served.model, entry.request, self.device)
-                        entry.row = _Row(entry.request, served, sampler)
+                        entry.row = DecodeRow(entry.request, served, sampler)
                         entry.tokens = len(entry.request.input_ids) + sampler.max_new_tokens
                 except Exception as error:  # a bad generation config or request fails alone
                     self._waiting.popleft()

@@ -191,6 +191,9 @@ def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
             events = _events(response)
         refused = httpx.post(f"{url}/generate_stream", json={**body, "inputs": [[5, 6], [7, 8]]}, timeout=60)
+        bad = {**body, "parameters": {"do_sample": True, "seed": 2**70}}  # fails in sampling, after validation
+        with httpx.stream("POST", f"{url}/generate_stream", json=bad, timeout=60) as response:
+            failed = _events(response)
     assert [e["token"]["id"] for e in events] == whole["token_ids"]
     assert whole["token_ids"] == _own_generate(models["k2"], GenerationRequest(body["inputs"], max_new_tokens=9))
     assert [e["index"] for e in events] == list(range(1, len(events) + 1))
@@ -198,6 +201,7 @@ def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
     assert events[-1]["details"] == whole["details"]
     assert all(isinstance(e["token"]["logprob"], float) and e["token"]["logprob"] <= 0 for e in events)
     assert refused.status_code == 422 and "one input" in refused.json()["error"]
+    assert len(failed) == 1 and failed[0]["error_type"] == "generation" and failed[0]["error"]
 
 
 def test_a_client_that_leaves_the_stream_stops_its_row():
@@ -231,3 +235,16 @@ def test_a_client_that_leaves_generate_stops_its_row_and_is_counted_as_499():
         assert not scheduler.busy and scheduler.steps < 1400
         assert httpx.post(f"{url}/generate", json={"inputs": [5, 6], "parameters": {"max_new_tokens": 2}}).json()
         assert 'route="/generate",status="499"' in httpx.get(f"{url}/metrics").text
+
+
+def test_serve_takes_a_dtype():
+    import argparse
+
+    from hf_freeze.serving.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["serve", "--base", "b"]).dtype == "float32"
+    assert parser.parse_args(["serve", "--base", "b", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--base", "b", "--dtype", "int8"])

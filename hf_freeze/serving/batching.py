@@ -174,9 +174,17 @@ class DynamicBatcher:
                 else:
                     self._run(task, jobs)
             if self.scheduler.busy:
-                self.scheduler.step()
+                self._step()
             while not self.continuous and self.scheduler.busy:
-                self.scheduler.step()
+                self._step()
+
+    def _step(self) -> None:
+        """One decoding step; an error the scheduler did not contain fails the generations, not the worker."""
+        try:
+            self.scheduler.step()
+        except Exception as error:
+            logger.exception("A generation step failed")
+            self.scheduler.cancel_all(error)
 
     def _admit(self, jobs: list[_Job]) -> None:
         """Hand generation inputs (validated in `submit`) to the scheduler; it answers their futures."""

@@ -25,7 +25,8 @@ means the base. `truncate: true` cuts an input to the model's positions: its fir
 last ones, leaving room for `max_new_tokens`.
 
 Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large, 422 malformed JSON or
-bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 503 batcher not running.
+bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 499 the client left
+`/generate` before its answer (its rows were cancelled), 503 batcher not running.
 """
 
 from __future__ import annotations

@@ -13,13 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import CONFIGS, UNSUPPORTED, tiny_model
 from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import get_layout
 from hf_freeze.serving import DynamicBatcher, GenerationRequest, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
 from hf_freeze.serving.scheduler import GenerationScheduler
+
+CAUSAL = [f for f in CONFIGS if (f, "causal") not in UNSUPPORTED]
 
 
 def _engine(family: str, boundaries=(1, 3)):
@@ -47,7 +49,7 @@ def _own_generate(model, request: GenerationRequest, logprobs: bool = False):
     return (tokens[:end], scores) if logprobs else tokens[:end]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", CAUSAL)
 def test_rows_joining_at_different_steps_decode_like_their_own_generate(family):
     engine, models = _engine(family)
     scheduler = GenerationScheduler(engine)

@@ -26,6 +26,15 @@ Results (JSON + md + PNG, written atomically) go to benchmarks/results/serving.*
 
 A quick check that it works (about 1 minute): `python benchmarks/serving.py --models minilm --ns 1 2
 --seconds 2 --repeats 0 90 --name serving_check`.
+
+`--behind-generation` measures something else (about 1 minute): the latency of a short `POST /score` (SmolLM2)
+sent while one long generation streams, with continuous batching (the generation scheduler steps between other
+batches) and with run-to-end batching (`DynamicBatcher(continuous=False)`: a generation batch decodes to its end
+before anything else, as serving did before continuous batching), against the same request alone. The generation
+is held at `--generation-tokens` new tokens by the model's `generation_config.min_new_tokens`. Results go to
+benchmarks/results/serving_behind_generation.*:
+
+    OMP_NUM_THREADS=2 python benchmarks/serving.py --behind-generation
 """
 
 from __future__ import annotations
@@ -155,6 +164,74 @@ def serve_and_measure(base, finetunes, tokenizer, path, share: bool, cache_bytes
     return result
 
 
+def behind_generation(args: argparse.Namespace) -> None:
+    """Latency of a short /score alone and behind a long streamed generation, continuous vs run-to-end."""
+    import threading
+
+    import httpx
+    from transformers import AutoTokenizer
+
+    from hf_freeze import assets
+    from hf_freeze.serving import ServingEngine
+    from hf_freeze.serving.app import create_app, serve_in_thread
+    from hf_freeze.serving.engine import load_base
+
+    started = time.perf_counter()
+    path = assets.model_path("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = ServingEngine(load_base(path), source=path, copy=False, cache_bytes=0)
+    engine.models["base"].model.generation_config.min_new_tokens = args.generation_tokens  # no early EOS
+    score = {"inputs": "The film is a quiet, patient study of grief, and it works.", "model": "base"}
+    prompt = {"inputs": "Once upon a time, in a small village by the sea,",
+              "parameters": {"max_new_tokens": args.generation_tokens}}
+    rows = []
+    for mode, continuous in (("run-to-end", False), ("continuous", True)):
+        app = create_app(engine, tokenizer=tokenizer, max_wait_ms=args.max_wait_ms)
+        app.state.batcher.continuous = continuous
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=600) as http:
+            http.post("/score", json=score)  # warm-up
+            alone = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                http.post("/score", json=score).raise_for_status()
+                alone.append(time.perf_counter() - t0)
+            behind, tokens_at_answer, seconds_per_token = [], [], []
+            for _ in range(args.generation_repeats):
+                tokens: list[float] = []
+                first = threading.Event()
+
+                def stream(tokens: list[float], first: threading.Event) -> None:
+                    with httpx.stream("POST", f"{url}/generate_stream", json=prompt, timeout=600) as response:
+                        for line in response.iter_lines():
+                            if line.startswith("data: "):
+                                tokens.append(time.perf_counter())
+                                first.set()
+
+                generation = threading.Thread(target=stream, args=(tokens, first))
+                generation.start()
+                first.wait(600)
+                time.sleep(0.2)  # the generation is decoding
+                t0 = time.perf_counter()
+                http.post("/score", json=score).raise_for_status()
+                behind.append(time.perf_counter() - t0)
+                tokens_at_answer.append(len(tokens))
+                generation.join()
+                seconds_per_token.append((tokens[-1] - tokens[0]) / max(1, len(tokens) - 1))
+        row = {"mode": mode, "generation_tokens": args.generation_tokens,
+               "alone_ms": 1000 * statistics.median(alone), "behind_generation_ms": 1000 * statistics.median(behind),
+               "behind_max_ms": 1000 * max(behind), "tokens_generated_when_answered": statistics.median(
+                   tokens_at_answer), "decode_ms_per_token": 1000 * statistics.median(seconds_per_token),
+               "raw_behind_ms": [round(1000 * b, 1) for b in behind]}
+        row["slowdown"] = row["behind_generation_ms"] / row["alone_ms"]
+        print(row, flush=True)
+        rows.append(row)
+    payload = {"stamp": stamp(), "args": vars(args), "minutes": round((time.perf_counter() - started) / 60, 1),
+               "rows": rows}
+    table = markdown_table(rows, ["mode", "generation_tokens", "alone_ms", "behind_generation_ms", "behind_max_ms",
+                                  "slowdown", "tokens_generated_when_answered", "decode_ms_per_token"])
+    write_results(args.name if args.name != "serving" else "serving_behind_generation", payload, table)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -207,7 +284,15 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--name", default="serving", help="results file name in benchmarks/results/")
+    parser.add_argument("--behind-generation", action="store_true",
+                        help="only measure a short /score behind a long generation (continuous vs run-to-end)")
+    parser.add_argument("--generation-tokens", type=int, default=200, help="new tokens of the long generation")
+    parser.add_argument("--generation-repeats", type=int, default=2, help="long generations per mode")
     args = parser.parse_args()
+    if args.behind_generation:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        behind_generation(args)
+        return
     if min(args.ns) < 1 or args.clients < max(args.ns):
         parser.error(f"Need every N >= 1 and --clients >= the largest N ({max(args.ns)}): a fanout query keeps N "
                      "requests in flight.")

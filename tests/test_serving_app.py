@@ -274,7 +274,7 @@ def test_load_model_shares_the_base_tensors_and_detects_the_boundary_of_plain_fo
     plain = engine.load_model("plain", tmp_path / "plain")
     assert served.boundary == plain.boundary == 2
     embedding = served.model.get_input_embeddings().weight
-    assert embedding.data_ptr() == base.get_input_embeddings().weight.data_ptr()  # one prefix in memory
+    assert embedding.data_ptr() == engine.base.get_input_embeddings().weight.data_ptr()  # one prefix in memory
     ids = random_ids(4, 2)
     answers = engine.predict([Request(i, model=m) for m in ("suffix", "plain") for i in ids])
     with torch.no_grad():

@@ -19,6 +19,7 @@ from hf_freeze.serving import (
     WrongTaskError,
 )
 from hf_freeze.serving.engine import _length_buckets
+from hf_freeze.serving.scheduler import GenerationScheduler
 
 FAMILIES = list(CONFIGS)
 CAUSAL = [f for f in FAMILIES if (f, "causal") not in UNSUPPORTED]
@@ -39,6 +40,15 @@ def _engine(family: str, head: str, boundaries=BOUNDARIES, **kwargs):
 def _mixed(models, count=12, seed=0, cls=Request, **kwargs):
     names = list(models)
     return [cls(ids, model=names[i % len(names)], **kwargs) for i, ids in enumerate(random_ids(count, seed))]
+
+
+def _generate(engine, requests):
+    return GenerationScheduler(engine).generate(requests)
+
+
+def _layout(engine, name):
+    """The layout of the engine's own copy of model `name` (`None`: the base): what it runs."""
+    return get_layout(engine.models[name or engine.base_name].model)
 
 
 def _own(model, ids, **kwargs):
@@ -84,7 +94,7 @@ def test_score_equals_own_log_likelihood(family):
 def test_greedy_generation_is_token_identical_to_own_generate(family):
     engine, models = _engine(family, "causal", boundaries=(1, 2, 3))
     requests = _mixed(models, count=10, seed=5, cls=GenerationRequest, max_new_tokens=7)
-    results = engine.generate(requests)
+    results = _generate(engine, requests)
     for model_name, model in models.items():
         rows = [i for i, r in enumerate(requests) if r.model == model_name]
         # the model's own generate on its own rows, left-padded the same way
@@ -106,16 +116,16 @@ def test_greedy_generation_is_token_identical_to_own_generate(family):
 def test_generation_stops_at_stop_tokens_and_max_tokens_and_samples_reproducibly():
     engine, models = _engine("llama", "causal", boundaries=(2,))
     prompt = random_ids(1, 7)[0]
-    greedy = engine.generate([GenerationRequest(prompt, model="k2", max_new_tokens=6)])[0]
+    greedy = _generate(engine, [GenerationRequest(prompt, model="k2", max_new_tokens=6)])[0]
     assert len(greedy.token_ids) == 6 and greedy.finish_reason == "length"
     stop = greedy.token_ids[2]
-    stopped = engine.generate([GenerationRequest(prompt, model="k2", max_new_tokens=6, stop_token_ids=[stop])])[0]
+    stopped = _generate(engine, [GenerationRequest(prompt, model="k2", max_new_tokens=6, stop_token_ids=[stop])])[0]
     first = greedy.token_ids.index(stop)
     assert stopped.token_ids == greedy.token_ids[: first + 1] and stopped.finish_reason == "eos"
     sample = dict(model="k2", max_new_tokens=8, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, seed=3)
-    a, b = engine.generate([GenerationRequest(prompt, **sample), GenerationRequest(prompt, **sample)])
+    a, b = _generate(engine, [GenerationRequest(prompt, **sample), GenerationRequest(prompt, **sample)])
     assert a.token_ids == b.token_ids  # same seed, same tokens, whatever the batch
-    others = {tuple(engine.generate([GenerationRequest(prompt, **{**sample, "seed": s})])[0].token_ids)
+    others = {tuple(_generate(engine, [GenerationRequest(prompt, **{**sample, "seed": s})])[0].token_ids)
               for s in range(4, 10)}
     assert len(others) > 1  # sampling really samples
 
@@ -129,10 +139,10 @@ def _count_calls(module):
 def test_a_mixed_batch_runs_the_shared_prefix_once():
     engine, models = _engine("bert", "seq", boundaries=(2, 3), max_padding=None)  # no split by length
     engine.predict(_mixed(models, count=3, seed=1))  # warm-up: each runner learns its blocks' output format once
-    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
-    base_block2, h2 = _count_calls(get_layout(models[None]).blocks[2])
-    own_prefix = [_count_calls(get_layout(models[name]).blocks[0]) for name in ("k2", "k3")]
-    own_block3 = [_count_calls(get_layout(models[name]).blocks[3]) for name in ("k2", "k3")]
+    base_block0, h0 = _count_calls(_layout(engine, None).blocks[0])
+    base_block2, h2 = _count_calls(_layout(engine, None).blocks[2])
+    own_prefix = [_count_calls(_layout(engine, name).blocks[0]) for name in ("k2", "k3")]
+    own_block3 = [_count_calls(_layout(engine, name).blocks[3]) for name in ("k2", "k3")]
     engine.predict(_mixed(models, count=9))
     assert len(base_block0) == 1  # blocks [0, 2): once for all 9 rows of 3 models
     assert len(base_block2) == 2  # block 2 is frozen for k3 (advance) and the base (advance to 4): 2 groups
@@ -167,9 +177,9 @@ def test_the_same_input_for_several_finetunes_runs_the_prefix_once(family):
     expected = {(name, tuple(x)): _own(model, x).logits[0] for name, model in models.items() for x in (ids, other)}
     engine.predict([Request(ids, model=m) for m in models])  # warm-up: the runners learn their blocks' outputs
     separate.predict([Request(ids, model=m) for m in models])
-    block0, h0 = _count_rows(get_layout(base).blocks[0])
-    block2, h2 = _count_rows(get_layout(base).blocks[2])
-    own_prefix = {name: _count_rows(get_layout(model).blocks[0]) for name, model in models.items()}
+    block0, h0 = _count_rows(_layout(engine, None).blocks[0])
+    block2, h2 = _count_rows(_layout(engine, None).blocks[2])
+    own_prefix = {name: _count_rows(_layout(engine, name).blocks[0]) for name in models}
     fanout = [Request(ids, model=m) for m in models]
     answers = engine.predict(fanout)
     assert block0 == [1]  # one prefix row for the four fine-tunes
@@ -185,11 +195,12 @@ def test_the_same_input_for_several_finetunes_runs_the_prefix_once(family):
         torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
     assert block0 == [2]  # one row per distinct input
 
-    block0.clear()
+    base_block0, hb = _count_rows(_layout(separate, None).blocks[0])
+    full = {name: _count_rows(_layout(separate, name).blocks[0]) for name in models}
     for request, logits in zip(fanout, separate.predict(fanout), strict=True):  # the baseline: full forwards
         torch.testing.assert_close(logits, expected[request.model, tuple(request.input_ids)], rtol=TOL, atol=TOL)
-    assert block0 == [] and all(rows == [1] for rows, _ in own_prefix.values())
-    for handle in [h0, h2, *(h for _, h in own_prefix.values())]:
+    assert base_block0 == [] and all(rows == [1] for rows, _ in full.values())
+    for handle in [h0, h2, hb, *(h for _, h in [*own_prefix.values(), *full.values()])]:
         handle.remove()
 
 
@@ -207,7 +218,7 @@ def test_repeated_inputs_hit_the_cache_and_skip_the_prefix():
     requests = _mixed(models, count=6)
     first = engine.predict(requests)
     assert (engine.cache.hits, engine.cache.misses) == (0, 6)
-    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    calls, handle = _count_calls(_layout(engine, None).blocks[0])
     second = engine.predict(requests)
     handle.remove()
     assert engine.cache.hits == 6 and not calls  # every row from the cache: no prefix block ran
@@ -232,7 +243,7 @@ def test_unknown_model_wrong_task_and_bad_inputs_are_refused():
     with pytest.raises(UnknownModelError, match="served models: \\['base', 'k2'\\]"):
         engine.predict([Request([5, 6], model="nope")])
     with pytest.raises(WrongTaskError, match="cannot generate"):
-        engine.generate([GenerationRequest([5, 6], model="k2")])
+        _generate(engine, [GenerationRequest([5, 6], model="k2")])
     with pytest.raises(ValueError, match="no tokens"):
         engine.predict([Request([], model="k2")])
     with pytest.raises(ValueError, match="exceeds the 512 positions"):
@@ -247,7 +258,7 @@ def test_a_model_with_sliding_window_layers_is_refused_generation_up_front():
     engine = ServingEngine(T.MistralForCausalLM(config).eval())
     assert engine.models["base"].tasks == ("score",)
     with pytest.raises(WrongTaskError, match="cannot generate"):
-        engine.generate([GenerationRequest([5, 6, 7])])
+        _generate(engine, [GenerationRequest([5, 6, 7])])
 
 
 def test_length_buckets_bound_the_padding_and_cover_every_row():
@@ -265,7 +276,7 @@ def test_a_batch_split_by_length_still_equals_own_forward():
     engine, models = _engine("llama", "seq", boundaries=(2,))
     ids = [[7] * 3, [8] * 30, [9] * 4, [10] * 29]
     requests = [Request(i, model=m) for i in ids for m in ("k2", None)]
-    calls, handle = _count_calls(get_layout(models[None]).blocks[0])
+    calls, handle = _count_calls(_layout(engine, None).blocks[0])
     answers = engine.predict(requests)
     handle.remove()
     assert len(calls) >= 2  # long and short inputs ran in separate prefix forwards
@@ -275,16 +286,102 @@ def test_a_batch_split_by_length_still_equals_own_forward():
 
 def test_each_decoding_step_runs_the_shared_prefix_once_for_all_rows():
     engine, models = _engine("qwen2", "causal", boundaries=(1, 2))
-    engine.generate([GenerationRequest([5, 6], model=m, max_new_tokens=1) for m in ("k1", "k2", None)])  # warm-up
-    base_block0, h0 = _count_calls(get_layout(models[None]).blocks[0])
-    own = {name: _count_calls(get_layout(models[name]).blocks[0]) for name in ("k1", "k2")}
-    last = {name: _count_calls(get_layout(models[name]).blocks[3]) for name in ("k1", "k2")}
+    _generate(engine, [GenerationRequest([5, 6], model=m, max_new_tokens=1) for m in ("k1", "k2", None)])  # warm-up
+    base_block0, h0 = _count_calls(_layout(engine, None).blocks[0])
+    own = {name: _count_calls(_layout(engine, name).blocks[0]) for name in ("k1", "k2")}
+    last = {name: _count_calls(_layout(engine, name).blocks[3]) for name in ("k1", "k2")}
     requests = [GenerationRequest(ids, model=["k1", "k2", None][i % 3], max_new_tokens=5, stop_token_ids=())
                 for i, ids in enumerate(random_ids(6, 8))]
-    results = engine.generate(requests)
+    results = _generate(engine, requests)
     steps = max(len(r.token_ids) for r in results)
     assert len(base_block0) == steps  # one prefix forward per step for the 6 rows of 3 models
     assert all(len(calls) == 0 for calls, _ in own.values())  # no fine-tune ran its frozen blocks
     assert all(len(calls) == steps for calls, _ in last.values())  # one suffix forward per model per step
     for _, handle in [(None, h0), *own.values(), *last.values()]:
         handle.remove()
+
+
+@pytest.mark.parametrize(("family", "field", "value"), [
+    ("llama", "rope_theta", 500.0), ("bert", "layer_norm_eps", 1e-3), ("qwen2", "hidden_act", "gelu")])
+def test_a_finetune_whose_config_changes_the_prefix_is_served_without_sharing_it(family, field, value):
+    base = tiny_model(family, "seq").eval()
+    engine = ServingEngine(base)
+    finetune = perturbed_finetune(family, "seq", 2, seed=4, base=base)
+    if field == "rope_theta":  # transformers 5 keeps it in rope_parameters
+        finetune.config.rope_parameters = {**finetune.config.rope_parameters, "rope_theta": value}
+        finetune.model.rotary_emb = type(finetune.model.rotary_emb)(finetune.config)
+    else:
+        setattr(finetune.config, field, value)
+        if field == "layer_norm_eps":
+            for module in finetune.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.eps = value
+        else:
+            finetune = type(finetune)(finetune.config).eval().requires_grad_(False)
+            finetune.load_state_dict(perturbed_finetune(family, "seq", 2, seed=4, base=base).state_dict())
+    served = engine.add_model("ft", finetune, boundary=2)
+    assert not served.shares_prefix and served.unshared_reason
+    assert field.split("_")[0] in served.unshared_reason  # the differing field is named
+    requests = [Request(ids, model="ft") for ids in random_ids(4, seed=6, min_len=6)]
+    for request, logits in zip(requests, engine.predict(requests), strict=True):
+        torch.testing.assert_close(logits, _own(finetune, request.input_ids).logits[0], rtol=TOL, atol=TOL)
+    assert engine.add_model("same", perturbed_finetune(family, "seq", 2, seed=4, base=base)).shares_prefix
+
+
+def test_a_user_calling_their_own_model_while_it_is_served_gets_their_own_outputs():
+    import threading
+
+    engine, models = _engine("llama", "seq", boundaries=(2,))
+    ids = random_ids(1, seed=3, min_len=8)[0]
+    expected = {name: _own(model, ids).logits for name, model in models.items()}
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            engine.predict(_mixed(models, count=6, seed=1))
+
+    server = threading.Thread(target=serve)
+    server.start()
+    wrong = 0
+    try:
+        with torch.no_grad():
+            for _ in range(150):
+                for name, model in models.items():
+                    wrong += not torch.allclose(_own(model, ids).logits, expected[name], atol=TOL)
+    finally:
+        stop.set()
+        server.join()
+    assert wrong == 0
+    assert all(engine.models[n or "base"].model is not m for n, m in models.items())  # the engine's own copies
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_bfloat16_serving_equals_the_models_own_bfloat16_forward(family):
+    base = tiny_model(family, "seq").eval()
+    engine = ServingEngine(base, dtype="bfloat16")
+    finetune = perturbed_finetune(family, "seq", 2, seed=8, base=base)
+    engine.add_model("k2", finetune)
+    assert next(engine.base.parameters()).dtype == torch.bfloat16 and next(base.parameters()).dtype == torch.float32
+    requests = _mixed({None: base, "k2": finetune}, count=8, seed=2)
+    own = {None: base.to(torch.bfloat16), "k2": finetune.to(torch.bfloat16)}
+    for request, logits in zip(requests, engine.predict(requests), strict=True):
+        expected = _own(own[request.model], request.input_ids).logits[0].float()
+        torch.testing.assert_close(logits, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_bfloat16_trained_suffix_is_served_in_bfloat16_and_refused_in_float32_naming_the_dtype(tmp_path):
+    from hf_freeze.checkpoint import save_suffix
+
+    base = tiny_model("llama", "causal").eval()
+    base.save_pretrained(tmp_path / "base")
+    trained = perturbed_finetune("llama", "causal", 2, seed=9, base=base).to(torch.bfloat16)  # trained in bf16
+    save_suffix(trained, tmp_path / "suffix")
+    engine = ServingEngine.from_pretrained(tmp_path / "base", {"ft": tmp_path / "suffix"}, dtype="bfloat16")
+    assert engine.models["ft"].shares_prefix
+    ids = random_ids(3, seed=4, min_len=5)
+    for i, scores in zip(ids, engine.score([Request(i, model="ft") for i in ids]), strict=True):
+        logits = _own(trained, i).logits[0].float()
+        expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(i[1:])[:, None])[:, 0]
+        torch.testing.assert_close(scores, expected, rtol=3e-2, atol=3e-2)
+    with pytest.raises(BaseMismatchServingError, match="in float32.*dtype"):
+        ServingEngine.from_pretrained(tmp_path / "base", {"ft": tmp_path / "suffix"})

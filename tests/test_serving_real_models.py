@@ -15,6 +15,7 @@ from hf_freeze import assets
 from hf_freeze.serving import EmbedRequest, GenerationRequest, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
 from hf_freeze.serving.engine import load_base
+from hf_freeze.serving.scheduler import GenerationScheduler
 
 TOL = 1e-5
 
@@ -96,7 +97,7 @@ def test_smollm2_greedy_generation_is_token_identical(smollm2):
     prompts = ["The capital of Germany is", "Once upon a time, in a small village by the sea,", "2 + 2 ="]
     requests = [GenerationRequest(tokenizer(p)["input_ids"], model=name, max_new_tokens=8)
                 for name in ("k20", "k24", None) for p in prompts]
-    results = engine.generate(requests)
+    results = GenerationScheduler(engine).generate(requests)
     for request, result in zip(requests, results, strict=True):
         model = models[request.model or "base"]
         ids = torch.tensor([request.input_ids])

@@ -1,6 +1,6 @@
 """Serving fine-tunes of one base that share its frozen prefix: an engine, a repeated-input cache, dynamic
-batching and an HTTP app (FastAPI). `ServingEngine` needs only torch and transformers; `app` needs the `serve`
-extra (FastAPI, uvicorn, prometheus-client)."""
+batching, continuous batching for generation (`GenerationScheduler`) and an HTTP app (FastAPI). `ServingEngine`
+needs only torch and transformers; `app` needs the `serve` extra (FastAPI, uvicorn, prometheus-client)."""
 
 from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
@@ -18,6 +18,7 @@ from .requests import (
     UnknownModelError,
     WrongTaskError,
 )
+from .scheduler import GenerationScheduler
 
 __all__ = [
     "BaseMismatchServingError",
@@ -25,6 +26,7 @@ __all__ = [
     "EmbedRequest",
     "GenerationRequest",
     "GenerationResult",
+    "GenerationScheduler",
     "OverloadedError",
     "PayloadTooLargeError",
     "Request",

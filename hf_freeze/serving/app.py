@@ -7,19 +7,26 @@ servers (text-embeddings-inference, text-generation-inference).
 | `POST /embed` | `{inputs, model?, normalize?, truncate?}` | `[[float]]`, one vector per input |
 | `POST /score` | `{inputs, model?}` | `[{token_ids, logprobs}]`: log-likelihood of each token after the first |
 | `POST /generate` | `{inputs, model?, parameters}` (below) | `{generated_text, token_ids, details}` |
+| `POST /generate_stream` | `{inputs, model?, parameters}`, one input | server-sent events, one per token (below) |
 | `GET /health` | | 200, or 503 when the batcher is down |
 | `GET /info` | | base, fingerprint, models (boundary, tasks, labels), limits |
 | `GET /metrics` | | Prometheus text |
 
 Generation `parameters`: `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `seed`,
-`stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
+`stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`. Everything else
+(repetition penalty, n-gram blocking, min length, EOS ids, and the length when `max_new_tokens` is absent) follows
+the model's own `generation_config`. `/generate_stream` sends text-generation-inference's events:
+`data: {"index", "token": {"id", "text", "logprob", "special"}, "generated_text": null, "details": null}` per token,
+the last one with `generated_text` and `details`; an error mid-stream is an event `data: {"error", "error_type"}`.
+A client that disconnects stops its row at the next decoding step.
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
 means the base. `truncate: true` cuts an input to the model's positions: its first tokens, or for `/generate` its
 last ones, leaving room for `max_new_tokens`.
 
 Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large, 422 malformed JSON or
-bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 503 batcher not running.
+bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 499 the client left
+`/generate` before its answer (its rows were cancelled), 503 batcher not running.
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
 from .requests import (
+    ClientClosedError,
     EmbedRequest,
     GenerationRequest,
     PayloadTooLargeError,
@@ -50,7 +58,8 @@ from .requests import (
     UnavailableError,
 )
 
-_ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate"}
+_ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate",
+                "/generate_stream": "generate"}
 
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
@@ -167,12 +176,24 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             out.append(ids)
         return out, single
 
-    async def run(task: str, requests: list[Request]) -> list[Any]:
+    async def run(task: str, requests: list[Request], client: HttpRequest | None = None) -> list[Any]:
+        """The engine's answers; with `client`, its inputs are cancelled when that client disconnects."""
         if not batcher.alive:  # its futures would never be answered
             raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
         futures = batcher.submit(task, requests)
         queued.set(batcher.queued)
-        return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        answers = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        if client is None:
+            return await answers
+        watcher = asyncio.create_task(_cancel_on_disconnect(client, futures))
+        try:
+            return await answers
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled():  # the client left: answer (to nobody) without a traceback
+                raise ClientClosedError("The client closed the connection; its inputs were cancelled.") from None
+            raise
+        finally:
+            watcher.cancel()
 
     async def parse(request: HttpRequest, task: str) -> tuple[dict[str, Any], ServedModel, list[list[int]], bool]:
         """The body, the served model it names for `task`, its inputs as token ids, and whether it sent one."""
@@ -230,12 +251,31 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             requests = [GenerationRequest(i, model=served.name, **params) for i in ids]
         except TypeError as error:
             raise ServingError(f"Bad generation parameters: {error}.") from error
-        results = await run("generate", requests)
+        results = await run("generate", requests, client=request)  # a client that leaves stops its rows
         answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True) if tokenizer else None,
                     "token_ids": r.token_ids,
                     "details": {"finish_reason": r.finish_reason, "generated_tokens": len(r.token_ids)}}
                    for r in results]
         return answers[0] if single else answers
+
+    @app.post("/generate_stream")
+    async def generate_stream(request: HttpRequest) -> StreamingResponse:
+        body, served, ids, single = await parse(request, "generate")
+        if not single:
+            raise ServingError("/generate_stream takes one input; send a list to /generate instead.")
+        generation = _generation_request(body, served.name, ids[0])
+        if not batcher.alive:
+            raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_token(token: int, logprob: float, result: Any) -> None:  # called from the batcher's thread
+            loop.call_soon_threadsafe(events.put_nowait, (token, logprob, result))
+
+        future = batcher.submit("generate", [generation], on_token=on_token)[0]
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+        queued.set(batcher.queued)
+        return StreamingResponse(_token_events(events, future, tokenizer), media_type="text/event-stream")
 
     @app.get("/health")
     async def health() -> Response:
@@ -291,6 +331,65 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = No
     finally:
         server.should_exit = True
         thread.join(timeout)
+
+
+async def _cancel_on_disconnect(client: HttpRequest, futures: list[Any]) -> None:
+    """Cancel `futures` once `client` has disconnected (a generation row then stops at its next step). The body
+    has been read, so the next ASGI message is the disconnect (`is_disconnected()` does not see it behind the
+    measuring middleware)."""
+    while (await client.receive())["type"] != "http.disconnect":
+        pass
+    for future in futures:
+        future.cancel()
+
+
+async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
+    """Server-sent events of one streamed generation (text-generation-inference's shape); closing the stream (the
+    client went away) cancels the future, which stops the row at the next decoding step."""
+    generated: list[int] = []
+    text = ""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    try:
+        while True:
+            event = await events.get()
+            if event is None:  # the future is done; its tokens were all sent before this
+                if not future.cancelled() and future.exception() is not None:
+                    error = future.exception()
+                    kind = error.error_type if isinstance(error, ServingError) else "generation"
+                    yield f"data: {json.dumps({'error': str(error), 'error_type': kind})}\n\n"
+                return
+            token, logprob, result = event
+            generated.append(token)
+            piece = None
+            if tokenizer is not None:  # the new text: what decoding all tokens so far adds
+                decoded = tokenizer.decode(generated, skip_special_tokens=False)
+                piece, text = decoded[len(text):], decoded
+            payload = {"index": len(generated), "token": {"id": token, "text": piece, "logprob": logprob,
+                                                          "special": token in special},
+                       "generated_text": None, "details": None}
+            if result is not None:
+                payload["generated_text"] = (tokenizer.decode(result.token_ids, skip_special_tokens=True)
+                                             if tokenizer is not None else None)
+                payload["details"] = {"finish_reason": result.finish_reason,
+                                      "generated_tokens": len(result.token_ids)}
+            yield f"data: {json.dumps(payload)}\n\n"
+    finally:
+        future.cancel()
+
+
+def _generation_request(body: dict[str, Any], model: str, ids: list[int]) -> GenerationRequest:
+    """The `GenerationRequest` for one input of a generation body (its `parameters` checked by name)."""
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ServingError('"parameters" must be a JSON object.')
+    unknown = set(params) - _GENERATION_PARAMETERS
+    if unknown:
+        raise ServingError(f"Unknown generation parameters {sorted(unknown)}; allowed: "
+                           f"{sorted(_GENERATION_PARAMETERS)}.")
+    try:
+        return GenerationRequest(ids, model=model, **params)
+    except TypeError as error:
+        raise ServingError(f"Bad generation parameters: {error}.") from error
 
 
 _GENERATION_PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop_token_ids"}

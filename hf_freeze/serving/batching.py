@@ -4,6 +4,10 @@ One worker thread owns the engine. It takes the oldest waiting input, then keeps
 `max_wait_ms` has passed since it took the first one or the next input would exceed `max_batch_tokens`; the
 inputs of one batch are then run task by task (one engine call per task present). The queue is bounded: `submit`
 refuses inputs beyond `max_queue` (the server answers 429) rather than letting latency grow without limit.
+
+Generation inputs go to a `GenerationScheduler` (continuous batching): between two of its batches the worker runs
+one decoding step, and while generation runs it does not wait for a batch to fill, so other tasks wait at most
+about one decoding step behind a long generation.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .engine import ServingEngine
 from .requests import OverloadedError, Request, UnavailableError
+from .scheduler import GenerationScheduler, TokenCallback
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,7 @@ class _Job:
     request: Request
     tokens: int
     future: Future = field(default_factory=Future)
+    on_token: TokenCallback | None = None
 
 
 class DynamicBatcher:
@@ -41,6 +47,8 @@ class DynamicBatcher:
             generation); an input larger than the budget runs alone.
         max_queue (`int`, defaults to 1024): inputs waiting at most; beyond it `submit` raises `OverloadedError`.
         on_batch (`Callable[[str, int, int], None]`, *optional*): called with (task, inputs, tokens) per engine call.
+        continuous (`bool`, defaults to `True`): `False` runs each generation batch to its end before anything else
+            (the run-to-end baseline that the serving benchmark measures continuous batching against).
 
     Example:
         ```python
@@ -53,7 +61,8 @@ class DynamicBatcher:
     """
 
     def __init__(self, engine: ServingEngine, *, max_wait_ms: float = 5.0, max_batch_tokens: int = 8192,
-                 max_queue: int = 1024, on_batch: Callable[[str, int, int], None] | None = None) -> None:
+                 max_queue: int = 1024, on_batch: Callable[[str, int, int], None] | None = None,
+                 continuous: bool = True) -> None:
         if max_wait_ms < 0 or max_batch_tokens < 1 or max_queue < 1:
             raise ValueError(f"Need max_wait_ms >= 0, max_batch_tokens >= 1 and max_queue >= 1; got {max_wait_ms}, "
                              f"{max_batch_tokens}, {max_queue}.")
@@ -68,11 +77,13 @@ class DynamicBatcher:
         self._carry: _Job | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.scheduler = GenerationScheduler(engine, max_batch_tokens=max_batch_tokens)
+        self.continuous = continuous
 
     @property
     def queued(self) -> int:
         """Inputs submitted and not answered yet."""
-        return self._pending
+        return self._pending + self.scheduler.pending
 
     @property
     def alive(self) -> bool:
@@ -104,9 +115,12 @@ class DynamicBatcher:
         for job in waiting:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(UnavailableError("The server is shutting down; retry later."))
+        self.scheduler.cancel_all(UnavailableError("The server is shutting down; retry later."))
 
-    def submit(self, task: str, requests: Sequence[Request]) -> list[Future]:
-        """Queue `requests` (validated by the engine first) for `task`; one future per request.
+    def submit(self, task: str, requests: Sequence[Request], on_token: TokenCallback | None = None) -> list[Future]:
+        """Queue `requests` (validated by the engine first) for `task`; one future per request. For `generate`,
+        `on_token(token_id, logprob, result)` is called for each new token (see `GenerationScheduler.submit`), and
+        cancelling a future stops its row at the next decoding step.
 
         Raises:
             `OverloadedError`: the queue holds `max_queue` inputs already.
@@ -114,11 +128,12 @@ class DynamicBatcher:
         """
         self.engine.validate(task, requests)
         with self._pending_lock:
-            if self._pending + len(requests) > self.max_queue:
+            if self.queued + len(requests) > self.max_queue:
                 raise OverloadedError(f"The server is overloaded ({self._pending} inputs waiting, at most "
                                       f"{self.max_queue}); retry later.")
             self._pending += len(requests)
-        jobs = [_Job(task, r, len(r.input_ids) + getattr(r, "max_new_tokens", 0)) for r in requests]
+        jobs = [_Job(task, r, len(r.input_ids) + (getattr(r, "max_new_tokens", 0) or 0), on_token=on_token)
+                for r in requests]
         for job in jobs:
             self._queue.put(job)
         return [job.future for job in jobs]
@@ -126,13 +141,14 @@ class DynamicBatcher:
     def _next_batch(self) -> list[_Job]:
         first = self._carry
         self._carry = None
+        generating = self.scheduler.busy  # then take what is queued now: the decoding step is waiting
         if first is None:
             try:
-                first = self._queue.get(timeout=0.05)
+                first = self._queue.get_nowait() if generating else self._queue.get(timeout=0.05)
             except queue.Empty:
                 return []
         batch, tokens = [first], first.tokens
-        deadline = time.monotonic() + self.max_wait
+        deadline = time.monotonic() + (0 if generating else self.max_wait)
         while tokens < self.max_batch_tokens:
             remaining = deadline - time.monotonic()
             try:
@@ -153,7 +169,34 @@ class DynamicBatcher:
             for job in batch:
                 by_task[job.task].append(job)
             for task, jobs in by_task.items():
-                self._run(task, jobs)
+                if task == "generate":
+                    self._admit(jobs)
+                else:
+                    self._run(task, jobs)
+            if self.scheduler.busy:
+                self._step()
+            while not self.continuous and self.scheduler.busy:
+                self._step()
+
+    def _step(self) -> None:
+        """One decoding step; an error the scheduler did not contain fails the generations, not the worker."""
+        try:
+            self.scheduler.step()
+        except Exception as error:
+            logger.exception("A generation step failed")
+            self.scheduler.cancel_all(error)
+
+    def _admit(self, jobs: list[_Job]) -> None:
+        """Hand generation inputs (validated in `submit`) to the scheduler; it answers their futures."""
+        with self._pending_lock:
+            self._pending -= len(jobs)
+        for job in jobs:
+            self.scheduler.submit(job.request, future=job.future, on_token=job.on_token, validated=True)
+        if self.on_batch is not None:
+            try:
+                self.on_batch("generate", len(jobs), sum(job.tokens for job in jobs))
+            except Exception:
+                logger.exception("on_batch failed")
 
     def _run(self, task: str, jobs: list[_Job]) -> None:
         with self._pending_lock:
@@ -164,7 +207,7 @@ class DynamicBatcher:
             return
         try:
             requests = [job.request for job in jobs]
-            run = self.engine.generate if task == "generate" else getattr(self.engine, task)
+            run = getattr(self.engine, task)
             results = run(requests)
             if len(results) != len(jobs):
                 raise RuntimeError(f"The engine answered {len(results)} of {len(jobs)} {task} inputs.")

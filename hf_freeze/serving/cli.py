@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve a base model and its frozen-prefix fine-tunes over HTTP",
         description="Serve a base and any number of its fine-tunes; batches that mix fine-tunes run the frozen "
                     "prefix they share once. Routes: POST /predict /embed /score /generate, GET /health /info "
-                    "/metrics.")
+                    "/metrics; POST /generate_stream (server-sent events).")
     parser.add_argument("--base", required=True,
                         help="base model folder (or a packaged short name: minilm, mpnet, smollm2)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="budget of the repeated-input cache of boundary states (0 disables)")
     parser.add_argument("--pooling", choices=["mean", "cls"], default=None,
                         help="embedding pooling (default: the sentence-transformers config, else mean)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
+                        help="dtype every model is served in (auto: the base's saved dtype); a fine-tune trained in "
+                             "bf16 needs bfloat16 (default: float32)")
     parser.add_argument("--no-share-prefix", action="store_true",
                         help="run every model's full forward (the baseline the shared prefix is measured against)")
     parser.set_defaults(func=serve)
@@ -72,7 +75,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine = ServingEngine.from_pretrained(
             base_path, models, base_name=args.base_name, pooling=args.pooling,
-            cache_bytes=int(args.cache_mb * 2**20), share_prefix=not args.no_share_prefix)
+            cache_bytes=int(args.cache_mb * 2**20), share_prefix=not args.no_share_prefix, dtype=args.dtype)
     except (BaseMismatchServingError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,12 +8,18 @@ model present. Rows with the same token ids (one text sent to several fine-tunes
 once, and their states go to every model that needs them. Everything goes through the models' own `forward`, so
 there is no per-family code.
 
-Generation shares the frozen layers at every decoding step, KV cache included (`generation.py`). Requests,
+Generation shares the frozen layers at every decoding step, KV cache included (`generation.py`, driven by the
+continuous-batching `scheduler.py`; both read this engine's public surface, the engine imports neither). Requests,
 results and errors are in `requests.py`; the repeated-input cache in `prefix_cache.py`.
+
+The engine owns the models it serves: a model object passed in is deep-copied (and cast to the engine's dtype), so
+the stand-in blocks swapped in during a batch are never seen by whoever else holds that object; models the engine
+loads itself (`from_pretrained`, `load_model`) are not copied.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import threading
@@ -31,12 +37,11 @@ from ..cache.runner import PrefixRunner
 from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
-from .generation import Clock, generate_batch, pad_token_id, partial_cache
+from .kv_cache import Clock, partial_cache
 from .prefix_cache import StateCache
 from .requests import (
     BaseMismatchServingError,
     GenerationRequest,
-    GenerationResult,
     Request,
     ServingError,
     UnknownModelError,
@@ -63,6 +68,9 @@ class ServedModel:
         parent (`str | None`): the base's name for a fine-tune.
         runner (`PrefixRunner`): runs the model with its frozen blocks replaced by given boundary states.
         max_input_tokens (`int | None`): the model's positions (`config.max_position_embeddings`), when it has them.
+        shares_prefix (`bool`): whether its rows run through the base's prefix (the engine shares, `boundary >= 1`,
+            and its config agrees with the base's on everything the prefix computes with).
+        unshared_reason (`str | None`): why a fine-tune with a boundary does not share the prefix.
     """
 
     name: str
@@ -73,6 +81,8 @@ class ServedModel:
     parent: str | None
     runner: PrefixRunner = field(repr=False)
     max_input_tokens: int | None = None
+    shares_prefix: bool = False
+    unshared_reason: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (for `GET /info`)."""
@@ -81,7 +91,8 @@ class ServedModel:
         return {"name": self.name, "parent": self.parent, "architecture": type(self.model).__name__,
                 "boundary": self.boundary, "tasks": list(self.tasks), "pooling": self.pooling,
                 "id2label": {str(k): v for k, v in id2label.items()} if id2label else None,
-                "max_input_tokens": self.max_input_tokens}
+                "max_input_tokens": self.max_input_tokens, "shares_prefix": self.shares_prefix,
+                "unshared_reason": self.unshared_reason}
 
 
 class ServingEngine:
@@ -98,6 +109,14 @@ class ServingEngine:
         max_padding (`float`, *optional*, defaults to 0.25): a batch is split by length into forwards whose padding
             stays within this fraction of their real tokens (padding is wasted compute); `None` never splits.
         source (`str`, *optional*): the base's folder, for its sentence-transformers pooling config and `/info`.
+        dtype (`torch.dtype | str`, *optional*): the dtype every served model computes in (`"float32"`,
+            `"bfloat16"`, `"float16"` or a `torch.dtype`); default: the base's. Fine-tunes are cast to it.
+        copy (`bool`, defaults to `True`): deep-copy `base` (the engine owns what it serves; see the module
+            docstring). `False` takes the object itself, for callers that hand over a model nobody else uses.
+
+    Attributes:
+        lock (`threading.Lock`): held while a batch runs the served models (stand-in blocks are swapped into them);
+            whoever else runs them (the generation scheduler) holds it too.
 
     Example:
         ```python
@@ -109,8 +128,12 @@ class ServingEngine:
 
     def __init__(self, base: nn.Module, *, base_name: str = "base", pooling: str | None = None,
                  cache_bytes: int = _DEFAULT_CACHE_BYTES, share_prefix: bool = True,
-                 max_padding: float | None = 0.25, source: str | Path | None = None) -> None:
-        self.base = base.eval()
+                 max_padding: float | None = 0.25, source: str | Path | None = None,
+                 dtype: torch.dtype | str | None = None, copy: bool = True) -> None:
+        dtype = resolve_dtype(dtype) if dtype is not None else "auto"
+        self.dtype: torch.dtype = next(base.parameters()).dtype if dtype == "auto" else dtype
+        self.base = _owned(base, self.dtype, copy)
+        base = self.base
         self.base_layout = get_layout(base)
         self.base_runner = PrefixRunner(base, self.base_layout)
         self.num_blocks = self.base_layout.num_blocks
@@ -127,7 +150,7 @@ class ServingEngine:
         self._prefix_fingerprints: dict[int, str] = {self.num_blocks: self.fingerprint}
         self.cache = StateCache(cache_bytes)
         self.models: dict[str, ServedModel] = {}
-        self._lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
+        self.lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
         self._register(base_name, base, self.num_blocks, parent=None)
 
     # ----------------------------------------------------------------------------------------------- models
@@ -141,7 +164,15 @@ class ServingEngine:
 
         Raises:
             `BaseMismatchServingError`: the model's prefix differs from the base's (both fingerprints named).
+
+        The engine serves its own deep copy of `model`, cast to the engine's dtype; a model whose config differs
+        from the base's in a field that changes the prefix's outputs (`rope_theta`, `layer_norm_eps`, ...) is
+        served with its own full forward (`shares_prefix=False`, the field named in `unshared_reason`).
         """
+        return self._add(name, _owned(model, self.dtype, True), boundary)
+
+    def _add(self, name: str, model: nn.Module, boundary: int | None) -> ServedModel:
+        """`add_model` for a model the engine already owns (loaded by it, in its dtype)."""
         if name in self.models:
             raise ValueError(f"A model named {name!r} is already served; choose another name.")
         boundary = frozen_boundary(model) if boundary is None else boundary
@@ -158,7 +189,8 @@ class ServingEngine:
         if found != expected:
             raise BaseMismatchServingError(
                 f"Model {name!r} was not fine-tuned from this base: its prefix at boundary {boundary} has fingerprint "
-                f"{found}, the base's has {expected}. Serve it with the base it was trained from.")
+                f"{found}, the base's has {expected} (both in {_dtype_name(self.dtype)}). Serve it with the base it "
+                "was trained from, in the dtype it was trained in (`dtype=` / `--dtype`).")
         return self._register(name, model.eval(), boundary, parent=self.base_name)
 
     def load_model(self, name: str, path: str | Path) -> ServedModel:
@@ -178,21 +210,24 @@ class ServingEngine:
         if (Path(path) / METADATA_NAME).is_file():
             metadata = read_metadata(path)
             try:
-                model = load_suffix(path, base=self.base)
+                model = load_suffix(path, base=self.base, dtype=self.dtype)
             except BaseMismatchError as error:
-                raise BaseMismatchServingError(f"Cannot serve {path} as {name!r}: {error}") from error
+                raise BaseMismatchServingError(
+                    f"Cannot serve {path} as {name!r} in {_dtype_name(self.dtype)}: {error} A checkpoint trained in "
+                    "another dtype needs the engine in that dtype (`dtype=` / `--dtype`).") from error
+            model = model.to(self.dtype)
             if metadata.boundary is not None:
-                return self.add_model(name, model, boundary=metadata.boundary)
+                return self._add(name, model, boundary=metadata.boundary)
         else:
-            model = load_base(path)
-        return self.add_model(name, model, boundary=self._shared_units(model, name, path))
+            model = load_base(path, dtype=self.dtype)
+        return self._add(name, model, boundary=self._shared_units(model, name, path))
 
     @classmethod
     def from_pretrained(cls, base_path: str | Path, models: Mapping[str, str | Path] | None = None,
                         **kwargs: Any) -> ServingEngine:
         """Load the base from `base_path` (the class its config names in `architectures`), then each fine-tune."""
-        base = load_base(base_path)
-        engine = cls(base, source=base_path, **kwargs)
+        base = load_base(base_path, dtype=kwargs.pop("dtype", None) or torch.float32)
+        engine = cls(base, source=base_path, copy=False, **kwargs)
         for name, path in (models or {}).items():
             engine.load_model(name, path)
         return engine
@@ -240,13 +275,6 @@ class ServingEngine:
             scores.append(logprobs.gather(-1, target[:, None])[:, 0].cpu())
         return scores
 
-    @torch.no_grad()
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        """Decode every prompt of the batch together; each step runs the shared prefix once for every row."""
-        self.validate("generate", requests)
-        with self._lock:
-            return generate_batch(self, requests)
-
     # ------------------------------------------------------------------------------------------- internals
     def _register(self, name: str, model: nn.Module, boundary: int, parent: str | None) -> ServedModel:
         tasks = _tasks_of(model)
@@ -257,9 +285,15 @@ class ServingEngine:
                 logger.warning("Model %r will not generate: %s", name, error)
                 tasks = tuple(t for t in tasks if t != "generate")
         config = getattr(model, "config", None)
+        reason = None if parent is None else prefix_config_difference(self.base, model)
+        if reason is not None and boundary >= 1:
+            logger.warning("Model %r is served with its own full forward, not through the base's prefix: %s",
+                           name, reason)
         served = ServedModel(name=name, model=model, boundary=boundary, tasks=tasks, pooling=self.pooling,
                              parent=parent, runner=PrefixRunner(model, get_layout(model)),
-                             max_input_tokens=getattr(config, "max_position_embeddings", None))
+                             max_input_tokens=getattr(config, "max_position_embeddings", None),
+                             shares_prefix=self.share_prefix and boundary >= 1 and reason is None,
+                             unshared_reason=reason if boundary >= 1 else None)
         self.models[name] = served
         return served
 
@@ -306,18 +340,18 @@ class ServingEngine:
                                    f"{vocab - 1}); encode the text with the model's tokenizer.")
             if task == "score" and len(request.input_ids) < 2:
                 raise ServingError("Scoring needs at least two tokens (the first one is only context).")
-            extra = getattr(request, "max_new_tokens", 0)
+            extra = getattr(request, "max_new_tokens", 0) or 0
             if served.max_input_tokens and len(request.input_ids) + extra > served.max_input_tokens:
                 raise ServingError(f"An input of {len(request.input_ids)} tokens (+ {extra} new) exceeds the "
                                    f"{served.max_input_tokens} positions of model {served.name!r}; truncate it.")
 
     def _shares(self, served: ServedModel) -> bool:
-        return self.share_prefix and served.boundary >= 1
+        return served.shares_prefix
 
     def _run(self, task: str, requests: Sequence[Request]) -> list[tuple[Any, int]]:
         """Forward every request for `task`; returns, per request, (its model's output, its row in it)."""
         self.validate(task, requests)
-        with self._lock:
+        with self.lock:
             states = self._boundary_states(requests)
             by_model: dict[str, list[int]] = defaultdict(list)
             for i, request in enumerate(requests):
@@ -417,12 +451,67 @@ def _length_buckets(lengths: Sequence[int], max_padding: float | None) -> list[l
     return buckets
 
 
-def load_base(path: str | Path) -> nn.Module:
-    """Load a base model folder in fp32 with the class its `config.json` names (`architectures[0]`), else
-    `AutoModel`."""
+def load_base(path: str | Path, dtype: torch.dtype | str = torch.float32) -> nn.Module:
+    """Load a base model folder in `dtype` (`"auto"`: the dtype its config names) with the class its `config.json`
+    names (`architectures[0]`), else `AutoModel`."""
     from ..checkpoint import load_pretrained
 
-    return load_pretrained(path, dtype=torch.float32)
+    return load_pretrained(path, dtype=resolve_dtype(dtype) if dtype != "auto" else "auto")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """`"float32"`, `"bfloat16"`, `"float16"` (or a `torch.dtype` of those) as a `torch.dtype`; `"auto"` stays."""
+    if dtype == "auto" or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"Unsupported dtype {dtype!r}; choose one of {[*DTYPES, 'auto']}.")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _owned(model: nn.Module, dtype: torch.dtype | str, copy_model: bool) -> nn.Module:
+    """The engine's own instance of `model` (a deep copy unless `copy_model` is False), in `dtype`, in eval mode."""
+    if copy_model:
+        model = copy.deepcopy(model)
+    if dtype != "auto" and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+        model = model.to(dtype)
+    return model.eval()
+
+
+# Config fields that change only the head, the training, or the bookkeeping, never what the shared prefix computes.
+_SUFFIX_ONLY_FIELDS = frozenset({
+    "num_labels", "id2label", "label2id", "problem_type", "architectures", "_name_or_path", "torch_dtype", "dtype",
+    "tie_word_embeddings", "finetuning_task", "transformers_version", "task_specific_params", "classifier_dropout",
+    "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "decoder_start_token_id",
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "output_attentions", "output_hidden_states", "return_dict", "use_cache", "_commit_hash", "label_smoothing",
+    "prefix", "tokenizer_class", "auto_map", "custom_pipelines", "chunk_size_feed_forward",
+})
+
+
+def prefix_config_difference(base: nn.Module, model: nn.Module) -> str | None:
+    """Why `model` cannot run through `base`'s prefix, or `None`: the first config field (outside the head-only
+    ones and dropouts, which eval mode ignores) whose value differs, or differing attention implementations."""
+    base_config, config = getattr(base, "config", None), getattr(model, "config", None)
+    if base_config is None or config is None:
+        return None
+    ours, theirs = base_config.to_dict(), config.to_dict()
+    for key in sorted(set(ours) | set(theirs)):
+        if key in _SUFFIX_ONLY_FIELDS or "dropout" in key or key.endswith("_pdrop"):
+            continue
+        if ours.get(key) != theirs.get(key):
+            return f"its config has {key}={theirs.get(key)!r}, the base's has {key}={ours.get(key)!r}"
+    implementations = (getattr(base_config, "_attn_implementation", None),
+                       getattr(config, "_attn_implementation", None))
+    if implementations[0] != implementations[1]:
+        return (f"its attention implementation is {implementations[1]!r}, the base's is {implementations[0]!r}")
+    return None
 
 
 def _tasks_of(model: nn.Module) -> tuple[str, ...]:
@@ -459,6 +548,16 @@ def _sentence_transformers_pooling(source: str | Path | None) -> str | None:
     if values.get("pooling_mode_mean_tokens"):
         return "mean"
     raise ValueError(f"{config} asks for a pooling other than CLS or mean ({values}); pass `pooling=` explicitly.")
+
+
+def pad_token_id(model: nn.Module) -> int:
+    """The model's pad token id, else its (first) EOS id, else 0."""
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(config, "eos_token_id", None)
+        pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return int(pad) if pad is not None else 0
 
 
 def _right_padded(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -46,6 +46,13 @@ class UnavailableError(ServingError):
     status = 503
 
 
+class ClientClosedError(ServingError):
+    """The client disconnected before its answer was ready (nginx's 499); its inputs were cancelled."""
+
+    error_type = "client_closed"
+    status = 499
+
+
 class BaseMismatchServingError(ValueError):
     """A fine-tune's frozen prefix is not the base's (raised at load time, never per request)."""
 
@@ -70,12 +77,13 @@ class GenerationRequest(Request):
     """One prompt for `generate`.
 
     Attributes:
-        max_new_tokens (`int`): at most this many new tokens.
+        max_new_tokens (`int`, *optional*): at most this many new tokens; `None`: as the model's
+            `generation_config` says (its `max_new_tokens`, else its `max_length` counted as `generate` does).
         do_sample (`bool`): sample (with `temperature`, `top_k`, `top_p`, `seed`) instead of greedy decoding.
         stop_token_ids (`Sequence[int]`): generation ends after any of these (the model's EOS ids always stop it).
     """
 
-    max_new_tokens: int = 20
+    max_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
@@ -86,10 +94,12 @@ class GenerationRequest(Request):
 
 @dataclass
 class GenerationResult:
-    """New token ids (the stop token included when one ended it) and why generation ended: `eos` or `length`."""
+    """New token ids (the stop token included when one ended it), why generation ended (`eos` or `length`), and
+    each token's log-probability under the distribution it was chosen from (after the logits processors)."""
 
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[float] = field(default_factory=list)
 
 
 def validate_generation(request: GenerationRequest) -> None:
@@ -102,7 +112,7 @@ def validate_generation(request: GenerationRequest) -> None:
         return isinstance(value, int) and not isinstance(value, bool)
 
     n = request.max_new_tokens
-    if not integer(n) or n < 1:
+    if n is not None and (not integer(n) or n < 1):
         raise ServingError(f"`max_new_tokens` must be an int >= 1, got {n!r}.")
     if not isinstance(request.do_sample, bool):
         raise ServingError(f"`do_sample` must be true or false, got {request.do_sample!r}.")

@@ -225,6 +225,11 @@ class BatchCache:
 
     def _states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
                 ) -> torch.Tensor | None:
+        with self.cache.same_weights():  # the fingerprints are checked once per batch, against the weights as they are
+            return self._batch_states(inputs, keys, boundary, store=store)
+
+    def _batch_states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
+                      ) -> torch.Tensor | None:
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
         digests = example_digests(model_inputs, exclude=())
         kept = _kept_positions(model_inputs)

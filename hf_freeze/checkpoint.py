@@ -11,11 +11,16 @@ suffix is a plain subset of the model's own `state_dict`, and the loaded model i
 (frozen with `freeze_prefix`), so `Trainer`, `generate` and the server use it without unwrapping.
 
 Folder layout (suffix-only): `config.json`, `suffix.safetensors`, `hf_freeze.json`, tokenizer files when given.
+
+`hf_freeze.json` records the sha256 of every weight file beside it (suffix-only and full saves); `load_suffix`
+checks them before reading any weights, so a file changed after saving (flipped bytes, a partial download that
+kept its size) is refused by name instead of loading other weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +78,7 @@ class FreezeMetadata:
         weights (`dict[str, int]`): weight files of a suffix-only folder and their sizes in bytes.
         tied_to_prefix (`list[str]`): tensors tied to a prefix tensor, restored by the model's own tying.
         base_model_path (`str`, *optional*): the local folder the base was loaded from, when there was one.
+        sha256 (`dict[str, str]`): the sha256 of each weight file in the folder, checked on load.
     """
 
     boundary: int | None
@@ -89,6 +95,7 @@ class FreezeMetadata:
     tied_to_prefix: list[str] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     weights: dict[str, int] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     library_version: str = ""
 
@@ -252,10 +259,38 @@ def full_metadata(model: nn.Module, *, base_model: str | None = None, base_revis
 
 
 def write_metadata(directory: str | os.PathLike, metadata: FreezeMetadata) -> Path:
-    """Write `hf_freeze.json` into `directory`, atomically."""
+    """Write `hf_freeze.json` into `directory`, atomically, with the sha256 of the weight files already there
+    (`metadata.sha256` is set to them)."""
+    metadata.sha256 = weight_checksums(directory)
     path = Path(directory) / METADATA_NAME
     write_text_atomic(path, metadata.to_json())
     return path
+
+
+def weight_checksums(directory: str | os.PathLike) -> dict[str, str]:
+    """`{file name: sha256}` of the weight files in `directory` (`*.safetensors`, `pytorch_model*.bin`)."""
+    return {path.name: _sha256(path) for path in sorted(Path(directory).iterdir()) if _is_weight_file(path.name)}
+
+
+def verify_checksums(directory: str | os.PathLike, metadata: FreezeMetadata) -> None:
+    """Check every weight file `hf_freeze.json` recorded against its sha256 (metadata of older versions records
+    none, and nothing is checked).
+
+    Raises:
+        `CheckpointError`: naming the file that is missing or whose bytes changed, and the fix.
+    """
+    for name, expected in metadata.sha256.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing, but {METADATA_NAME} lists it among the saved weights: the "
+                                  "folder is incomplete. Download it again (or save the model again).")
+        actual = _sha256(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path} is corrupt: its sha256 is {actual}, but {METADATA_NAME} recorded {expected} when it was "
+                "saved (the file was truncated or changed after saving, or a download was damaged). Download it "
+                "again (or save the model again); nothing was loaded."
+            )
 
 
 def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -288,6 +323,7 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
     metadata = read_metadata(folder)
     cls = _architecture(metadata)
     if not metadata.suffix_only:
+        verify_checksums(folder, metadata)
         model = cls.from_pretrained(folder, **from_pretrained_kwargs)
         if metadata.boundary is not None:
             if isinstance(base, nn.Module):  # share the base's prefix, once it is shown to be the same
@@ -417,6 +453,15 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
     )
 
 
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _module_names(model: nn.Module) -> dict[int, str]:
     return {id(module): name for name, module in model.named_modules()}
 
@@ -503,6 +548,7 @@ def _read_suffix(folder: Path, metadata: FreezeMetadata) -> dict[str, torch.Tens
     if expected is not None and size != expected:
         raise CheckpointError(f"{path} is {size} bytes, but {expected} were saved: the file is truncated or "
                               "corrupt. Download or save it again.")
+    verify_checksums(folder, metadata)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}

@@ -339,3 +339,32 @@ def test_a_prefix_that_trained_before_it_froze_is_named_when_saving_a_suffix(tmp
     with caplog.at_level("WARNING", logger="hf_freeze.checkpoint"):
         save_suffix(model, tmp_path / "late", timeline=[{"step": 128, "boundary": BOUNDARY}])
     assert "trained for 128 optimizer steps before it froze" in caplog.text and "policy='fixed'" in caplog.text
+
+
+def _flip_bytes(path, offset_from_end=64):
+    """Change bytes inside a file's tensor data, keeping its size."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_suffix_are_refused_naming_the_file(tmp_path):
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "s")
+    metadata = read_metadata(tmp_path / "s")
+    assert set(metadata.sha256) == {SUFFIX_WEIGHTS_NAME}
+    weights = tmp_path / "s" / SUFFIX_WEIGHTS_NAME
+    size = weights.stat().st_size
+    _flip_bytes(weights)
+    assert weights.stat().st_size == size
+    with pytest.raises(CheckpointError, match=rf"{SUFFIX_WEIGHTS_NAME} is corrupt: its sha256 .*Download it again"):
+        load_suffix(tmp_path / "s", base=tiny_model("bert", "base"))
+
+
+def test_flipped_bytes_in_a_full_checkpoint_are_refused_naming_the_file(tmp_path):
+    save_pretrained(fine_tuned("bert", "seq"), tmp_path / "full")
+    assert set(read_metadata(tmp_path / "full").sha256) == {"model.safetensors"}
+    assert load_suffix(tmp_path / "full") is not None  # intact: loads
+    _flip_bytes(tmp_path / "full" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+        load_suffix(tmp_path / "full")

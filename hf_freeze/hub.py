@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import httpx
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -219,7 +220,7 @@ def push_folder(
                                    commit_message=commit_message, ignore_patterns=["checkpoint-*", ".*", "_*"])
     except HfHubHTTPError as error:
         raise push_error(error, repo_id) from error
-    except OSError as error:  # offline mode, no connection, a wrong HF_ENDPOINT
+    except (OSError, httpx.TransportError) as error:  # offline mode, no connection, a wrong HF_ENDPOINT
         raise PushError(f"Could not reach the Hub to push {directory} to {repo_id} ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}). Check the connection and HF_ENDPOINT, "
                         "and unset HF_HUB_OFFLINE.") from error

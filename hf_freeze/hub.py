@@ -8,6 +8,7 @@ Logged counters that are not evaluation results (`cache/*`, `freeze/*`, runtimes
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
 import math
 import os
@@ -15,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import httpx
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
@@ -220,7 +220,7 @@ def push_folder(
                                    commit_message=commit_message, ignore_patterns=["checkpoint-*", ".*", "_*"])
     except HfHubHTTPError as error:
         raise push_error(error, repo_id) from error
-    except (OSError, httpx.TransportError) as error:  # offline mode, no connection, a wrong HF_ENDPOINT
+    except (OSError, *_transport_errors()) as error:  # offline mode, no connection, a wrong HF_ENDPOINT
         raise PushError(f"Could not reach the Hub to push {directory} to {repo_id} ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}). Check the connection and HF_ENDPOINT, "
                         "and unset HF_HUB_OFFLINE.") from error
@@ -247,6 +247,17 @@ def card_for_folder(directory: str | os.PathLike, **kwargs: Any) -> ModelCard:
 
 
 # ---- helpers ----
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's connection errors (huggingface_hub 2 uses `httpx2`, 1.x `httpx`); they are not `OSError`."""
+    errors = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _template() -> str:

@@ -222,4 +222,4 @@ def test_the_push_command(hub, tmp_path):
     assert card.data.base_model == "openai-community/gpt2" and card.data.base_model_relation == "adapter"
     assert "[openai-community/gpt2](https://huggingface.co/openai-community/gpt2)" in card.text
     result = run_client(hub, tmp_path, env_code.replace("user/cli-suffix", "refused/cli"))
-    assert result.returncode == 1 and "HTTP 403" in result.stdout
+    assert result.returncode == 1 and "HTTP 403" in result.stderr and "HTTP 403" not in result.stdout

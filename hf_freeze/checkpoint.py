@@ -385,7 +385,7 @@ def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the c
     if layout.num_blocks != metadata.num_blocks:
         raise BaseMismatchError(
             f"{where} was trained on a base with {metadata.num_blocks} blocks; this base "
-            f"({type(base).__name__}, {getattr(base.config, '_name_or_path', '?')}) has {layout.num_blocks}. Load it "
+            f"({describe_model(base)}) has {layout.num_blocks}. Load it "
             f"onto its own base: {metadata.base_model or 'the base it was saved from'}."
         )
     digests = unit_digests(base, layout, boundary, frozen_boundary=frozen_boundary(base))
@@ -398,11 +398,53 @@ def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the c
     )
     raise BaseMismatchError(
         f"{where} was fine-tuned with the embeddings and blocks [0, {boundary}) frozen, and its prefix fingerprint "
-        f"is {metadata.prefix_fingerprint}; this base ({getattr(base.config, '_name_or_path', '?')}) has "
+        f"is {metadata.prefix_fingerprint}; this base ({describe_model(base)}) has "
         f"{actual} at boundary {boundary}.{where_differs} Its frozen weights are not the ones the suffix was trained "
         f"on. Pass the base it was saved from: {metadata.base_model or '?'}"
         + (f" (revision {metadata.base_revision})" if metadata.base_revision else "") + "."
     )
+
+
+def describe_model(model: nn.Module) -> str:
+    """How errors name a model: its class and where it was loaded from (`config._name_or_path`), when known.
+
+    Example:
+        ```python
+        describe_model(AutoModel.from_pretrained("out/base"))  # 'BertModel from out/base'
+        describe_model(BertModel(config))                      # 'BertModel built in memory (no path or Hub id)'
+        ```
+    """
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return f"{type(model).__name__} from {source}" if source else (
+        f"{type(model).__name__} built in memory (no path or Hub id)")
+
+
+def hub_id_of_folder(path: str | os.PathLike) -> tuple[str, str | None] | None:
+    """`(Hub id, revision)` of a local model folder when it is known: a packaged model's folder, or a snapshot in
+    the Hugging Face cache (`.../models--org--name/snapshots/<revision>`); else `None`.
+
+    Example:
+        ```python
+        hub_id_of_folder("~/.cache/huggingface/hub/models--org--name/snapshots/abc123")  # ('org/name', 'abc123')
+        ```
+    """
+    from .assets import hub_id_for_path
+
+    packaged = hub_id_for_path(path)
+    if packaged is not None:
+        return packaged, None
+    parts = Path(path).expanduser().resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo = parts[-3].removeprefix("models--").split("--")
+        if len(repo) == 2 and all(repo):
+            return "/".join(repo), parts[-1]
+    return None
+
+
+def prefix_trained_steps(metadata: FreezeMetadata) -> int:
+    """Optimizer steps the frozen prefix trained before its last unit froze (0: it froze before the first step,
+    so it holds the weights it was loaded with)."""
+    return max((int(event.get("step", 0)) for event in metadata.timeline), default=0)
 
 
 # ---- helpers ----
@@ -425,15 +467,17 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
               base_model: str | None, base_revision: str | None, timeline: list[dict[str, Any]] | None
               ) -> FreezeMetadata:
     from . import __version__
-    from .assets import hub_id_for_path
 
     config = model.config
     name_or_path = str(getattr(config, "_name_or_path", "") or "") or None
     local_path = None
-    if base_model is None and name_or_path:
-        base_model = hub_id_for_path(name_or_path) or name_or_path
     if name_or_path and Path(name_or_path).is_dir():
         local_path = str(Path(name_or_path).resolve())
+        known = hub_id_of_folder(name_or_path)  # a packaged model, or a snapshot in the Hugging Face cache
+        if base_model is None and known is not None:
+            base_model, base_revision = known[0], base_revision or known[1]
+    if base_model is None and name_or_path:
+        base_model = name_or_path
     digests = [] if boundary is None else unit_digests(model, layout, boundary, frozen_boundary=boundary)
     return FreezeMetadata(
         boundary=boundary,

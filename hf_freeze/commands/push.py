@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--revision", help="branch to commit to (default: main)")
     parser.add_argument("--message", default="Upload with hf_freeze", help="commit message")
+    parser.add_argument("--base-model-id", metavar="HUB_ID",
+                        help="the base's Hub id, when the folder knows its base only by a local path: recorded in "
+                             "hf_freeze.json (so load_suffix finds the base on the Hub) and in the card's base_model")
     parser.set_defaults(func=run)
 
 
@@ -43,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
     except HFValidationError:
         raise CommandError(f"{args.repo_id!r} is not a valid Hub repo id; use `user/name` (letters, digits, '-', "
                            "'_', '.').") from None
+    if args.base_model_id is not None:
+        try:
+            validate_repo_id(args.base_model_id)
+        except HFValidationError:
+            raise CommandError(f"--base-model-id {args.base_model_id!r} is not a valid Hub id; use `user/name`."
+                               ) from None
     url = push_folder(args.directory, args.repo_id, token=args.token, private=args.private or None,
-                      revision=args.revision, commit_message=args.message)
+                      revision=args.revision, commit_message=args.message, base_model_id=args.base_model_id)
     print(f"pushed {args.directory} to {args.repo_id}: {url}", file=sys.stdout)
     return 0

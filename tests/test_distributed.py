@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from conftest import tiny_batch, tiny_model
 
@@ -190,6 +191,9 @@ def test_real_training_arguments_with_deepspeed_or_fsdp_are_refused_before_the_f
 # ---- gradients the policy reads ----
 
 def scaled_step(scale):
+    # AcceleratedOptimizer reads Accelerate's global state, which a Trainer sets up: set it up here too, so the test
+    # does not depend on an earlier test having built a Trainer (a no-op when one did).
+    Accelerator()
     model = tiny_model("bert", "seq").eval()  # no dropout: two forwards give the same gradients
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)

@@ -14,6 +14,8 @@ unchanged, so any change to its weights invalidates it:
   `no_grad`) bumps the tensor's version counter;
 - a replaced tensor (`load_state_dict(assign=True)`, a new `nn.Parameter`, a swapped submodule) is another object;
 - `param.data = other` points the same object at another storage: another address.
+Writes *through* `.data` (`param.data.copy_(x)`) bypass the version counter and are not seen: call
+`forget_digests(model)` after one.
 Digests of trainable units are always recomputed. Parameters that Accelerate offloaded (they sit on the `meta`
 device until their hook loads them) are read from the hook's weights map and stamped by its in-memory tensor (CPU
 offload) or by their file entry (disk offload, written once by Accelerate and never changed by training).

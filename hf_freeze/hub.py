@@ -21,7 +21,15 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError
 
 from .atomic import write_text_atomic
-from .checkpoint import METADATA_NAME, FreezeMetadata, is_hub_id, prefix_trained_steps, read_metadata, write_metadata
+from .checkpoint import (
+    METADATA_NAME,
+    FreezeMetadata,
+    is_hub_id,
+    prefix_trained_steps,
+    read_metadata,
+    verify_checksums,
+    write_metadata,
+)
 from .config import FreezeConfig
 from .report import describe_boundary
 
@@ -200,6 +208,7 @@ def push_folder(
 
     Raises:
         `PushError`: no token, the Hub unreachable, or the Hub refused (the message names the status and the fix).
+        `CheckpointError`: no readable `hf_freeze.json`, or a weight file whose sha256 differs from the recorded one.
 
     Example:
         ```python
@@ -208,6 +217,7 @@ def push_folder(
     """
     directory = Path(directory)
     metadata = read_metadata(directory)
+    verify_checksums(directory, metadata)  # never upload (or re-record) weights that changed after saving
     token = token or get_token()
     if not token:
         raise PushError(

@@ -260,3 +260,16 @@ def test_push_with_base_model_id_records_the_hub_base(hub, tmp_path):
     metadata = json.loads(repo.files["hf_freeze.json"])
     assert metadata["base_model"] == "user/tiny-gpt2"
     assert metadata["base_model_path"] == str((tmp_path / "base").resolve())
+
+
+def test_a_corrupt_folder_is_not_pushed(tmp_path):
+    from hf_freeze.checkpoint import SUFFIX_WEIGHTS_NAME, CheckpointError
+
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "suffix")
+    weights = tmp_path / "suffix" / SUFFIX_WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="suffix.safetensors is corrupt"):
+        push_folder(tmp_path / "suffix", "user/corrupt", token="hf_any", base_model_id="user/base")
+    assert read_metadata(tmp_path / "suffix").base_model != "user/base"  # nothing re-recorded

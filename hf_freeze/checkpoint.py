@@ -45,6 +45,7 @@ from .offload import materialized_state_dict
 logger = logging.getLogger(__name__)
 
 METADATA_NAME = "hf_freeze.json"
+_VERIFIED: set[tuple] = set()  # weight files whose sha256 matched, by path, size, mtime, inode and digest
 SUFFIX_WEIGHTS_NAME = "suffix.safetensors"
 FORMAT_VERSION = 1
 
@@ -284,8 +285,14 @@ def verify_checksums(directory: str | os.PathLike, metadata: FreezeMetadata) -> 
         if not path.is_file():
             raise CheckpointError(f"{path} is missing, but {METADATA_NAME} lists it among the saved weights: the "
                                   "folder is incomplete. Download it again (or save the model again).")
+        stat = path.stat()
+        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, expected)
+        if seen in _VERIFIED:  # checked in this process and not rewritten since (a command checks, then loads)
+            continue
         actual = _sha256(path)
-        if actual != expected:
+        if actual == expected:
+            _VERIFIED.add(seen)
+        else:
             raise CheckpointError(
                 f"{path} is corrupt: its sha256 is {actual}, but {METADATA_NAME} recorded {expected} when it was "
                 "saved (the file was truncated or changed after saving, or a download was damaged). Download it "

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_model
 from test_checkpoint import fine_tuned
 
-from hf_freeze.checkpoint import save_suffix
+from hf_freeze.checkpoint import SUFFIX_WEIGHTS_NAME, save_suffix
 from hf_freeze.cli import build_parser, main
 from hf_freeze.layout import find_layout
 
@@ -104,7 +104,7 @@ def failure_cases(command, folders):
 
     cases = {
         "missing path": (model(MISSING), {}, "not a folder" if command == "push" else "does not exist"),
-        "corrupt folder": (model(corrupt), {}, "corrupt"),
+        "corrupt folder": (model(corrupt), {}, "is corrupt: its sha256"),
     }
     if command == "push":  # the folder is local; the Hub id is the target repo
         cases.update({
@@ -123,10 +123,25 @@ def failure_cases(command, folders):
 
 @pytest.fixture
 def cli_folders(tmp_path):
-    save_suffix(fine_tuned("bert", "seq"), tmp_path / "good")
-    (tmp_path / "corrupt").mkdir()
-    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    tiny_model("bert", "base").save_pretrained(tmp_path / "base")
+    for name in ("good", "corrupt"):
+        save_suffix(fine_tuned("bert", "seq"), tmp_path / name, base_model=str(tmp_path / "base"))
+    weights = tmp_path / "corrupt" / SUFFIX_WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # same size, other bytes: only the recorded sha256 tells
+    weights.write_bytes(bytes(data))
     return {"good": tmp_path / "good", "corrupt": tmp_path / "corrupt", "out": tmp_path / "out"}
+
+
+def test_a_folder_with_an_unreadable_config_is_refused_before_loading(tmp_path):
+    from hf_freeze.commands.errors import CommandError, check_model_source
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CommandError, match=r"config\.json is unreadable .*the folder is corrupt; save or download"):
+        check_model_source(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CommandError, match="has no config.json"):
+        check_model_source(str(tmp_path))
 
 
 def run_concurrently(commands):

@@ -71,11 +71,12 @@ def check_model_source(name: str, *, what: str = "the model") -> str:
 
 def check_model_folder(path: str | os.PathLike, *, what: str = "the model") -> None:
     """Refuse a folder without a readable `config.json` (not a saved model, or a corrupt or partial copy), or with
-    an unreadable `hf_freeze.json` (`CheckpointError`)."""
-    from ..checkpoint import METADATA_NAME, read_metadata
+    an unreadable `hf_freeze.json` or a weight file that no longer matches its recorded sha256 (`CheckpointError`),
+    before anything is loaded (the load that follows does not hash the files again)."""
+    from ..checkpoint import METADATA_NAME, read_metadata, verify_checksums
 
     if (Path(path) / METADATA_NAME).exists():
-        read_metadata(path)
+        verify_checksums(path, read_metadata(path))
     config = Path(path) / "config.json"
     if not config.is_file():
         raise CommandError(f"{what} {path} has no config.json, so it is not a saved model; pass the folder that "

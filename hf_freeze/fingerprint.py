@@ -108,9 +108,11 @@ def unit_stamp(layout: BlockLayout, unit: int) -> tuple[tuple, list[weakref.ref]
     for position, module in enumerate(layout.unit_modules(unit)):
         for owner, name, tensor in _unit_tensor_owners(module):
             if tensor.device.type == "meta":
-                tensor = _offloaded_stamp_tensor(owner, name, tensor)
-                if not isinstance(tensor, torch.Tensor):  # disk offload: the file entry, written once
-                    stamp.append((position, name, tensor))
+                tensor = _offloaded_stamp_tensor(owner, name.rpartition(".")[2], tensor)
+                if not isinstance(tensor, torch.Tensor):  # disk offload: the loader's file entry, written once
+                    loader, key = tensor
+                    refs.append(weakref.ref(loader))
+                    stamp.append((position, name, "disk", id(loader), key))
                     continue
             refs.append(weakref.ref(tensor))
             stamp.append((position, name, id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape),
@@ -156,8 +158,8 @@ def prefix_fingerprint(
 
 
 def forget_digests(model: nn.Module) -> None:
-    """Drop what is remembered about `model`'s weights (not needed for correctness, the stamps catch every change;
-    it frees the memory of a model whose prefix was unfrozen)."""
+    """Drop what is remembered about `model`'s weights. Needed only after a write through `.data` (which the
+    version counters do not see); `unfreeze` calls it to free the memory."""
     _MEMOS.pop(model, None)
 
 
@@ -194,7 +196,7 @@ def _offloaded_stamp_tensor(owner: nn.Module, name: str, tensor: torch.Tensor) -
         return in_memory[key]
     index = getattr(dataset, "index", None)
     if isinstance(index, dict) and key in index:
-        return ("disk", id(dataset), key)
+        return dataset, key
     return tensor
 
 

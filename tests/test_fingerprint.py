@@ -135,3 +135,25 @@ def test_metadata_saved_after_an_in_place_load_records_the_new_fingerprint(tmp_p
     other = tiny_bert(seed=1).state_dict()
     model.load_state_dict({n: other[n] for n, p in model.named_parameters() if not p.requires_grad}, strict=False)
     assert full_metadata(model).prefix_fingerprint == chain_digests([unit_digest(layout, u) for u in range(3)]) != first
+
+
+@pytest.mark.parametrize("target", ["cpu", "disk"])
+def test_offloaded_frozen_units_are_remembered_and_an_edit_of_their_cpu_copy_is_seen(target, tmp_path, monkeypatch):
+    from hf_freeze.offload import offload_frozen_blocks
+
+    model = tiny_bert()
+    freeze_prefix(model, 3)
+    layout = find_layout(model)
+    before = prefix_fingerprint(model, layout, 3, frozen_boundary=3)
+    offload_frozen_blocks(model, layout, 3, target, offload_dir=str(tmp_path))
+    calls = []
+    monkeypatch.setattr("hf_freeze.fingerprint.unit_digest",
+                        lambda lay, unit: calls.append(unit) or unit_digest(lay, unit))
+    assert prefix_fingerprint(model, layout, 3, frozen_boundary=3) == before  # read from the hooks' weights
+    calls.clear()
+    assert prefix_fingerprint(model, layout, 3, frozen_boundary=3) == before
+    assert calls == []  # remembered: the stamps of offloaded tensors are stable
+    if target == "cpu":
+        with torch.no_grad():
+            layout.blocks[0].output.dense._hf_hook.weights_map["weight"].add_(1.0)
+        assert prefix_fingerprint(model, layout, 3, frozen_boundary=3) != before

@@ -209,6 +209,12 @@ def _converted_smollm2() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-        os.makedirs(tmp)  # let TemporaryDirectory clean up an empty folder
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # another process converted it at the same time, and its rename won: use that folder
+        else:
+            os.makedirs(tmp)  # let TemporaryDirectory clean up an empty folder
     return target

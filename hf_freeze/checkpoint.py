@@ -11,11 +11,16 @@ suffix is a plain subset of the model's own `state_dict`, and the loaded model i
 (frozen with `freeze_prefix`), so `Trainer`, `generate` and the server use it without unwrapping.
 
 Folder layout (suffix-only): `config.json`, `suffix.safetensors`, `hf_freeze.json`, tokenizer files when given.
+
+`hf_freeze.json` records the sha256 of every weight file beside it (suffix-only and full saves); `load_suffix`
+checks them before reading any weights, so a file changed after saving (flipped bytes, a partial download that
+kept its size) is refused by name instead of loading other weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +45,7 @@ from .offload import materialized_state_dict
 logger = logging.getLogger(__name__)
 
 METADATA_NAME = "hf_freeze.json"
+_VERIFIED: set[tuple] = set()  # weight files whose sha256 matched, by path, size, mtime, inode and digest
 SUFFIX_WEIGHTS_NAME = "suffix.safetensors"
 FORMAT_VERSION = 1
 
@@ -73,6 +79,7 @@ class FreezeMetadata:
         weights (`dict[str, int]`): weight files of a suffix-only folder and their sizes in bytes.
         tied_to_prefix (`list[str]`): tensors tied to a prefix tensor, restored by the model's own tying.
         base_model_path (`str`, *optional*): the local folder the base was loaded from, when there was one.
+        sha256 (`dict[str, str]`): the sha256 of each weight file in the folder, checked on load.
     """
 
     boundary: int | None
@@ -89,6 +96,7 @@ class FreezeMetadata:
     tied_to_prefix: list[str] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     weights: dict[str, int] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     library_version: str = ""
 
@@ -252,10 +260,44 @@ def full_metadata(model: nn.Module, *, base_model: str | None = None, base_revis
 
 
 def write_metadata(directory: str | os.PathLike, metadata: FreezeMetadata) -> Path:
-    """Write `hf_freeze.json` into `directory`, atomically."""
+    """Write `hf_freeze.json` into `directory`, atomically, with the sha256 of the weight files already there
+    (`metadata.sha256` is set to them)."""
+    metadata.sha256 = weight_checksums(directory)
     path = Path(directory) / METADATA_NAME
     write_text_atomic(path, metadata.to_json())
     return path
+
+
+def weight_checksums(directory: str | os.PathLike) -> dict[str, str]:
+    """`{file name: sha256}` of the weight files in `directory` (`*.safetensors`, `pytorch_model*.bin`)."""
+    return {path.name: _sha256(path) for path in sorted(Path(directory).iterdir()) if _is_weight_file(path.name)}
+
+
+def verify_checksums(directory: str | os.PathLike, metadata: FreezeMetadata) -> None:
+    """Check every weight file `hf_freeze.json` recorded against its sha256 (metadata of older versions records
+    none, and nothing is checked).
+
+    Raises:
+        `CheckpointError`: naming the file that is missing or whose bytes changed, and the fix.
+    """
+    for name, expected in metadata.sha256.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing, but {METADATA_NAME} lists it among the saved weights: the "
+                                  "folder is incomplete. Download it again (or save the model again).")
+        stat = path.stat()
+        seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, expected)
+        if seen in _VERIFIED:  # checked in this process and not rewritten since (a command checks, then loads)
+            continue
+        actual = _sha256(path)
+        if actual == expected:
+            _VERIFIED.add(seen)
+        else:
+            raise CheckpointError(
+                f"{path} is corrupt: its sha256 is {actual}, but {METADATA_NAME} recorded {expected} when it was "
+                "saved (the file was truncated or changed after saving, or a download was damaged). Download it "
+                "again (or save the model again); nothing was loaded."
+            )
 
 
 def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -288,6 +330,7 @@ def load_suffix(directory: str | os.PathLike, base: Any = None, **from_pretraine
     metadata = read_metadata(folder)
     cls = _architecture(metadata)
     if not metadata.suffix_only:
+        verify_checksums(folder, metadata)
         model = cls.from_pretrained(folder, **from_pretrained_kwargs)
         if metadata.boundary is not None:
             if isinstance(base, nn.Module):  # share the base's prefix, once it is shown to be the same
@@ -349,7 +392,7 @@ def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the c
     if layout.num_blocks != metadata.num_blocks:
         raise BaseMismatchError(
             f"{where} was trained on a base with {metadata.num_blocks} blocks; this base "
-            f"({type(base).__name__}, {getattr(base.config, '_name_or_path', '?')}) has {layout.num_blocks}. Load it "
+            f"({describe_model(base)}) has {layout.num_blocks}. Load it "
             f"onto its own base: {metadata.base_model or 'the base it was saved from'}."
         )
     digests = unit_digests(base, layout, boundary, frozen_boundary=frozen_boundary(base))
@@ -362,11 +405,53 @@ def check_base(base: nn.Module, metadata: FreezeMetadata, *, where: str = "the c
     )
     raise BaseMismatchError(
         f"{where} was fine-tuned with the embeddings and blocks [0, {boundary}) frozen, and its prefix fingerprint "
-        f"is {metadata.prefix_fingerprint}; this base ({getattr(base.config, '_name_or_path', '?')}) has "
+        f"is {metadata.prefix_fingerprint}; this base ({describe_model(base)}) has "
         f"{actual} at boundary {boundary}.{where_differs} Its frozen weights are not the ones the suffix was trained "
         f"on. Pass the base it was saved from: {metadata.base_model or '?'}"
         + (f" (revision {metadata.base_revision})" if metadata.base_revision else "") + "."
     )
+
+
+def describe_model(model: nn.Module) -> str:
+    """How errors name a model: its class and where it was loaded from (`config._name_or_path`), when known.
+
+    Example:
+        ```python
+        describe_model(AutoModel.from_pretrained("out/base"))  # 'BertModel from out/base'
+        describe_model(BertModel(config))                      # 'BertModel built in memory (no path or Hub id)'
+        ```
+    """
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return f"{type(model).__name__} from {source}" if source else (
+        f"{type(model).__name__} built in memory (no path or Hub id)")
+
+
+def hub_id_of_folder(path: str | os.PathLike) -> tuple[str, str | None] | None:
+    """`(Hub id, revision)` of a local model folder when it is known: a packaged model's folder, or a snapshot in
+    the Hugging Face cache (`.../models--org--name/snapshots/<revision>`); else `None`.
+
+    Example:
+        ```python
+        hub_id_of_folder("~/.cache/huggingface/hub/models--org--name/snapshots/abc123")  # ('org/name', 'abc123')
+        ```
+    """
+    from .assets import hub_id_for_path
+
+    packaged = hub_id_for_path(path)
+    if packaged is not None:
+        return packaged, None
+    parts = Path(path).expanduser().resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        repo = parts[-3].removeprefix("models--").split("--")
+        if len(repo) == 2 and all(repo):
+            return "/".join(repo), parts[-1]
+    return None
+
+
+def prefix_trained_steps(metadata: FreezeMetadata) -> int:
+    """Optimizer steps the frozen prefix trained before its last unit froze (0: it froze before the first step,
+    so it holds the weights it was loaded with)."""
+    return max((int(event.get("step", 0)) for event in metadata.timeline), default=0)
 
 
 # ---- helpers ----
@@ -389,15 +474,17 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
               base_model: str | None, base_revision: str | None, timeline: list[dict[str, Any]] | None
               ) -> FreezeMetadata:
     from . import __version__
-    from .assets import hub_id_for_path
 
     config = model.config
     name_or_path = str(getattr(config, "_name_or_path", "") or "") or None
     local_path = None
-    if base_model is None and name_or_path:
-        base_model = hub_id_for_path(name_or_path) or name_or_path
     if name_or_path and Path(name_or_path).is_dir():
         local_path = str(Path(name_or_path).resolve())
+        known = hub_id_of_folder(name_or_path)  # a packaged model, or a snapshot in the Hugging Face cache
+        if base_model is None and known is not None:
+            base_model, base_revision = known[0], base_revision or known[1]
+    if base_model is None and name_or_path:
+        base_model = name_or_path
     digests = [] if boundary is None else unit_digests(model, layout, boundary, frozen_boundary=boundary)
     return FreezeMetadata(
         boundary=boundary,
@@ -415,6 +502,15 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
         timeline=list(timeline or []),
         library_version=__version__,
     )
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _module_names(model: nn.Module) -> dict[int, str]:
@@ -503,6 +599,7 @@ def _read_suffix(folder: Path, metadata: FreezeMetadata) -> dict[str, torch.Tens
     if expected is not None and size != expected:
         raise CheckpointError(f"{path} is {size} bytes, but {expected} were saved: the file is truncated or "
                               "corrupt. Download or save it again.")
+    verify_checksums(folder, metadata)
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}

@@ -4,6 +4,9 @@ Each subcommand lives in a module exposing `register(subparsers) -> None`, which
 `func` (called with the parsed namespace; returns the exit status). Heavy imports happen inside `func`, so
 `hf-freeze --help` is quick.
 
+A failing subcommand prints one line on stderr, `hf-freeze COMMAND: error: ...`, naming the problem and the fix,
+and exits with a non-zero status (`commands/errors.py`); `--debug` (or `HF_FREEZE_DEBUG=1`) shows the traceback.
+
 Example:
     ```
     hf-freeze inspect out/suffix
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Freeze converged blocks of Hugging Face models; inspect, push, train and serve them.",
     )
     parser.add_argument("--version", action="version", version=f"hf_freeze {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line (or set HF_FREEZE_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -45,9 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-freeze` console script; returns the exit status."""
+    from .commands.errors import debugging, error_line
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if debugging(args.debug):
+            raise
+        print(error_line(args.command, error), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -239,7 +239,9 @@ class ActiveBlocksDDP:
     has moved since the current wrapper was built, all ranks rebuild it together (`rebuild_ddp`). After the first
     step of a wrapper that has `find_unused_parameters=True`, if every trainable parameter received a gradient on
     every rank, it is rebuilt once more without it (the graph walk is then skipped every step), unless the user
-    set `ddp_find_unused_parameters` explicitly.
+    set `ddp_find_unused_parameters` explicitly. When the Trainer hands it another wrapper than before (a second
+    `train()` that wrapped the model again, or `auto_find_batch_size` retrying), it starts over from that one
+    instead of keeping the wrapper it built for the previous loop.
 
     Args:
         keep_find_unused (`bool`): never change `find_unused_parameters` (the user set it).
@@ -253,9 +255,14 @@ class ActiveBlocksDDP:
         self.rebuilds = 0
         self._drop_find_unused = False
         self._probe = False  # look at the gradients after the first step of a wrapper
+        self._given: nn.Module | None = None  # the wrapper the Trainer handed last
 
     def wrapper_for(self, wrapped: nn.Module, boundary: int | None) -> nn.Module:
         """The DDP wrapper to call this step (rebuilt if needed); `wrapped` itself when it is not DDP."""
+        if self.wrapper is not None and wrapped is not self._given and wrapped is not self.wrapper:
+            # the Trainer wrapped the model again: the wrapper built for its previous loop must not be called
+            self.wrapper, self.built_at, self._drop_find_unused, self._probe = None, "unknown", False, False
+        self._given = wrapped
         if not isinstance(wrapped, nn.parallel.DistributedDataParallel) and self.wrapper is None:
             return wrapped
         current = self.wrapper if self.wrapper is not None else wrapped

@@ -6,15 +6,28 @@ read once, one tensor at a time, and never copied whole. The prefix fingerprint 
 of units `0..k`: `chain(k) = H(chain(k - 1) || digest(k))`. The same code fingerprints the prefix for the cache
 (which also mixes in a description of the model) and for suffix-only checkpoints (which bind to the base's prefix).
 
-Digests of *frozen* units are remembered on the model (a frozen unit never changes) and forgotten by
-`freeze.unfreeze`; digests of trainable units are always recomputed. Parameters that Accelerate offloaded (they sit
-on the `meta` device until their hook loads them) are read from the hook's weights map.
+Digests of *frozen* units are remembered, in this module (a `WeakKeyDictionary` keyed by the model, nothing on the
+model object), together with a *stamp* of the tensors they describe: for each tensor its identity, storage address,
+shape, dtype, device and autograd version counter. A remembered digest is used only while the unit's stamp is
+unchanged, so any change to its weights invalidates it:
+- every in-place write (`copy_`, `add_`, an optimizer step, `load_state_dict`, which copies in place under
+  `no_grad`) bumps the tensor's version counter;
+- a replaced tensor (`load_state_dict(assign=True)`, a new `nn.Parameter`, a swapped submodule) is another object;
+- `param.data = other` points the same object at another storage: another address.
+Writes *through* `.data` (`param.data.copy_(x)`) bypass the version counter and are not seen: call
+`forget_digests(model)` after one.
+Digests of trainable units are always recomputed. Parameters that Accelerate offloaded (they sit on the `meta`
+device until their hook loads them) are read from the hook's weights map and stamped by its in-memory tensor (CPU
+offload) or by their file entry (disk offload, written once by Accelerate and never changed by training).
 """
 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +35,27 @@ from torch import nn
 from .layout import BlockLayout
 
 _DIGEST_SIZE = 16
-_MEMO_ATTR = "_hf_freeze_unit_digests"
+
+
+@dataclass
+class _Remembered:
+    """A digest (or chained fingerprint) and the stamp of the tensors it was computed from."""
+
+    stamp: tuple
+    refs: list[weakref.ref]  # the stamped tensors: a dead one means its id (in the stamp) may now name another
+    value: str
+
+    def holds(self, stamp: tuple) -> bool:
+        return stamp == self.stamp and all(ref() is not None for ref in self.refs)
+
+
+@dataclass
+class _Memo:
+    units: dict[int, _Remembered] = field(default_factory=dict)
+    chains: dict[tuple[str, int], _Remembered] = field(default_factory=dict)
+
+
+_MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary()
 
 
 def tensor_bytes_digest(hasher: hashlib._Hash, tensor: torch.Tensor) -> None:
@@ -49,20 +82,42 @@ def unit_digests(model: nn.Module, layout: BlockLayout, upto_boundary: int, *, f
                  ) -> list[str]:
     """Digests of units `0..upto_boundary` (embeddings and blocks `[0, upto_boundary)`).
 
-    Units inside `frozen_boundary` (frozen, so unchanging) are remembered on `model`; `forget_digests` clears them.
+    Digests of units inside `frozen_boundary` are remembered while their weights are unchanged (see the module
+    docstring); the others are always recomputed.
     """
-    memo: dict = model.__dict__.setdefault(_MEMO_ATTR, {})
+    memo = _MEMOS.setdefault(model, _Memo())
     frozen_units = -1 if frozen_boundary is None else frozen_boundary  # units 0..frozen_boundary are frozen
     digests = []
     for unit in range(upto_boundary + 1):
-        if unit <= frozen_units and unit in memo:
-            digests.append(memo[unit])
+        if unit > frozen_units:
+            digests.append(unit_digest(layout, unit))
             continue
-        digest = unit_digest(layout, unit)
-        if unit <= frozen_units:
-            memo[unit] = digest
-        digests.append(digest)
+        stamp, refs = unit_stamp(layout, unit)
+        remembered = memo.units.get(unit)
+        if remembered is None or not remembered.holds(stamp):
+            remembered = memo.units[unit] = _Remembered(stamp, refs, unit_digest(layout, unit))
+        digests.append(remembered.value)
     return digests
+
+
+def unit_stamp(layout: BlockLayout, unit: int) -> tuple[tuple, list[weakref.ref]]:
+    """What changes whenever a tensor of `unit` changes (identity, storage address, shape, dtype, device, version
+    counter), without reading the values; and weak references to those tensors."""
+    stamp: list[Any] = []
+    refs: list[weakref.ref] = []
+    for position, module in enumerate(layout.unit_modules(unit)):
+        for owner, name, tensor in _unit_tensor_owners(module):
+            if tensor.device.type == "meta":
+                tensor = _offloaded_stamp_tensor(owner, name.rpartition(".")[2], tensor)
+                if not isinstance(tensor, torch.Tensor):  # disk offload: the loader's file entry, written once
+                    loader, key = tensor
+                    refs.append(weakref.ref(loader))
+                    stamp.append((position, name, "disk", id(loader), key))
+                    continue
+            refs.append(weakref.ref(tensor))
+            stamp.append((position, name, id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape),
+                          tensor.dtype, tensor.device))
+    return tuple(stamp), refs
 
 
 def chain_digests(digests: list[str], seed: str = "") -> str:
@@ -88,23 +143,34 @@ def prefix_fingerprint(
     if not 0 <= boundary <= layout.num_blocks:
         raise ValueError(f"A prefix fingerprint needs 0 <= boundary <= {layout.num_blocks}, got {boundary}.")
     frozen = frozen_boundary is not None and boundary <= frozen_boundary
-    memo: dict = model.__dict__.setdefault(_MEMO_ATTR, {})
-    key = ("chain", seed, boundary)
-    if frozen and key in memo:  # the cache asks for every example it reads or stores: chain a frozen prefix once
-        return memo[key]
-    fingerprint = chain_digests(unit_digests(model, layout, boundary, frozen_boundary=frozen_boundary), seed)
-    if frozen:
-        memo[key] = fingerprint
-    return fingerprint
+    if not frozen:
+        return chain_digests(unit_digests(model, layout, boundary, frozen_boundary=frozen_boundary), seed)
+    # The cache asks once per batch: chain a frozen prefix once while its weights stay the same.
+    stamps = [unit_stamp(layout, unit) for unit in range(boundary + 1)]
+    stamp = tuple(s for s, _ in stamps)
+    memo = _MEMOS.setdefault(model, _Memo())
+    remembered = memo.chains.get((seed, boundary))
+    if remembered is None or not remembered.holds(stamp):
+        fingerprint = chain_digests(unit_digests(model, layout, boundary, frozen_boundary=frozen_boundary), seed)
+        remembered = memo.chains[(seed, boundary)] = _Remembered(stamp, [r for _, refs in stamps for r in refs],
+                                                                 fingerprint)
+    return remembered.value
 
 
 def forget_digests(model: nn.Module) -> None:
-    """Drop the remembered digests of `model` (its prefix was unfrozen and may change)."""
-    model.__dict__.pop(_MEMO_ATTR, None)
+    """Drop what is remembered about `model`'s weights. Needed only after a write through `.data` (which the
+    version counters do not see); `unfreeze` calls it to free the memory."""
+    _MEMOS.pop(model, None)
 
 
 def _unit_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Parameters and persistent buffers of `module`, by name relative to it; offloaded ones from their hook."""
+    for owner, full_name, tensor in _unit_tensor_owners(module):
+        yield full_name, _materialized(owner, full_name.rpartition(".")[2], tensor)
+
+
+def _unit_tensor_owners(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """(owning module, name relative to `module`, tensor) of its parameters and persistent buffers, each once."""
     seen: set[int] = set()
     for owner_name, owner in module.named_modules():
         local = {name: p for name, p in owner.named_parameters(recurse=False)}
@@ -114,8 +180,24 @@ def _unit_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             if tensor is None or id(tensor) in seen:
                 continue
             seen.add(id(tensor))
-            full_name = f"{owner_name}.{name}" if owner_name else name
-            yield full_name, _materialized(owner, name, tensor)
+            yield owner, (f"{owner_name}.{name}" if owner_name else name), tensor
+
+
+def _offloaded_stamp_tensor(owner: nn.Module, name: str, tensor: torch.Tensor) -> Any:
+    """What stands for an offloaded (`meta`) tensor in a stamp: the hook's in-memory tensor (CPU offload), or the
+    file entry it is read from (disk offload), or the meta tensor itself when no hook holds it."""
+    weights_map = getattr(getattr(owner, "_hf_hook", None), "weights_map", None)
+    if weights_map is None:
+        return tensor
+    dataset, prefix = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "")
+    key = prefix + name
+    in_memory = getattr(dataset, "state_dict", dataset)
+    if isinstance(in_memory, dict) and isinstance(in_memory.get(key), torch.Tensor):
+        return in_memory[key]
+    index = getattr(dataset, "index", None)
+    if isinstance(index, dict) and key in index:
+        return dataset, key
+    return tensor
 
 
 def _materialized(owner: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:

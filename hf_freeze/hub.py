@@ -8,6 +8,8 @@ Logged counters that are not evaluation results (`cache/*`, `freeze/*`, runtimes
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import importlib.resources
 import math
 import os
@@ -19,7 +21,15 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError
 
 from .atomic import write_text_atomic
-from .checkpoint import METADATA_NAME, FreezeMetadata, is_hub_id, read_metadata
+from .checkpoint import (
+    METADATA_NAME,
+    FreezeMetadata,
+    is_hub_id,
+    prefix_trained_steps,
+    read_metadata,
+    verify_checksums,
+    write_metadata,
+)
 from .config import FreezeConfig
 from .report import describe_boundary
 
@@ -86,6 +96,7 @@ def build_model_card(
     language: str | None = None,
     license: str | None = None,
     tags: list[str] | None = None,
+    base_model_id: str | None = None,
 ) -> ModelCard:
     """A model card recording the base, the freeze (boundary, timeline, plot), the results and how to load it.
 
@@ -102,6 +113,8 @@ def build_model_card(
         plot (`str`, *optional*): file name of the timeline PNG uploaded beside the card.
         language, license (`str`, *optional*), tags (`list[str]`, *optional*): card metadata (tags are added to
             hf_freeze's own).
+        base_model_id (`str`, *optional*): the base's Hub id, for a base the metadata knows only by a local path
+            (the card's `base_model`).
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -113,6 +126,8 @@ def build_model_card(
         ```
     """
     repo_id = repo_id or model_name
+    if base_model_id is not None:
+        metadata = dataclasses.replace(metadata, base_model=base_model_id)
     base = metadata.base_model
     relation = "adapter" if metadata.suffix_only else "finetune"
     eval_results = None
@@ -145,6 +160,7 @@ def build_model_card(
         policy=policy,
         untied=", ".join(f"`{name}`" for name in metadata.untied),
         fingerprint=metadata.prefix_fingerprint or "none (nothing frozen)",
+        fingerprint_note=_fingerprint_note(metadata),
         speedup_text=(f"{speedup:.2f}x, measured in the same run." if speedup else
                       "not measured in this run (the recipes measure it with `--baseline_steps N`)."),
         timeline_rows=_timeline_rows(metadata.timeline),
@@ -170,10 +186,13 @@ def push_folder(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload with hf_freeze",
+    base_model_id: str | None = None,
 ) -> str:
     """Push a folder saved by hf_freeze (full or suffix-only) to a Hub model repo, with a model card.
 
     A folder without `README.md` gets one from its metadata (`build_model_card`). The repo is created if needed.
+    With `base_model_id`, the base's Hub id is recorded first in `hf_freeze.json` (so `load_suffix(repo_id)` finds
+    the base on the Hub; the local folder it was loaded from stays as `base_model_path`) and in the card.
 
     Args:
         directory (`str` or `os.PathLike`): a folder holding `hf_freeze.json`.
@@ -182,12 +201,14 @@ def push_folder(
         private (`bool`, *optional*): create the repo private.
         revision (`str`, *optional*): the branch to commit to.
         commit_message (`str`): the commit's message.
+        base_model_id (`str`, *optional*): the base's Hub id, when the metadata knows the base only by a local path.
 
     Returns:
         `str`: the commit's URL.
 
     Raises:
         `PushError`: no token, the Hub unreachable, or the Hub refused (the message names the status and the fix).
+        `CheckpointError`: no readable `hf_freeze.json`, or a weight file whose sha256 differs from the recorded one.
 
     Example:
         ```python
@@ -196,12 +217,15 @@ def push_folder(
     """
     directory = Path(directory)
     metadata = read_metadata(directory)
+    verify_checksums(directory, metadata)  # never upload (or re-record) weights that changed after saving
     token = token or get_token()
     if not token:
         raise PushError(
             f"No Hugging Face token to push {directory} to {repo_id}. Log in with `hf auth login`, set `HF_TOKEN`, "
             "or pass `token=` (it needs write access)."
         )
+    if base_model_id is not None and base_model_id != metadata.base_model:
+        metadata = _record_base_model_id(directory, metadata, base_model_id)
     card_path = directory / CARD_NAME
     if not card_path.exists():
         plot = PLOT_NAME if (directory / PLOT_NAME).exists() else None
@@ -210,6 +234,8 @@ def push_folder(
     else:  # a card rendered before the repo was known loads the model from a local path: point it at the repo
         text = card_path.read_text()
         retargeted = _SNIPPET_SOURCE.sub(lambda m: f'{m.group(1)}("{repo_id}")', text)
+        if base_model_id is not None:
+            retargeted = _with_base_model(retargeted, metadata)
         if retargeted != text:
             write_text_atomic(card_path, retargeted)
     api = HfApi(token=token)
@@ -219,7 +245,7 @@ def push_folder(
                                    commit_message=commit_message, ignore_patterns=["checkpoint-*", ".*", "_*"])
     except HfHubHTTPError as error:
         raise push_error(error, repo_id) from error
-    except OSError as error:  # offline mode, no connection, a wrong HF_ENDPOINT
+    except (OSError, *_transport_errors()) as error:  # offline mode, no connection, a wrong HF_ENDPOINT
         raise PushError(f"Could not reach the Hub to push {directory} to {repo_id} ({type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}). Check the connection and HF_ENDPOINT, "
                         "and unset HF_HUB_OFFLINE.") from error
@@ -246,6 +272,52 @@ def card_for_folder(directory: str | os.PathLike, **kwargs: Any) -> ModelCard:
 
 
 # ---- helpers ----
+
+
+def _record_base_model_id(directory: Path, metadata: FreezeMetadata, base_model_id: str) -> FreezeMetadata:
+    """Record the base's Hub id in `hf_freeze.json`, keeping a local base folder as `base_model_path`."""
+    if not is_hub_id(base_model_id):
+        raise ValueError(f"`base_model_id` must be a Hub id (`user/name`), got {base_model_id!r}.")
+    local = metadata.base_model if metadata.base_model and Path(metadata.base_model).is_dir() else None
+    metadata = dataclasses.replace(metadata, base_model=base_model_id,
+                                   base_model_path=metadata.base_model_path or (str(Path(local).resolve())
+                                                                                if local else None))
+    write_metadata(directory, metadata)
+    return metadata
+
+
+def _with_base_model(card_text: str, metadata: FreezeMetadata) -> str:
+    """An existing card with the metadata's Hub base in its `base_model` (and relation)."""
+    card = ModelCard(card_text)
+    card.data.base_model = metadata.base_model
+    card.data.base_model_relation = "adapter" if metadata.suffix_only else "finetune"
+    return str(card)
+
+
+def _fingerprint_note(metadata: FreezeMetadata) -> str:
+    """What the card may say about the prefix fingerprint and the base's: only what the metadata shows."""
+    if metadata.boundary is None:
+        return ""
+    checked = (" `load_suffix` compares it with the base's own fingerprint and refuses a base whose prefix "
+               "differs.") if metadata.suffix_only else ""
+    trained = prefix_trained_steps(metadata)
+    if trained:
+        return (f"The prefix trained for up to {trained} optimizer steps before it froze, so this is not the base's "
+                "prefix fingerprint: the frozen weights are this fine-tune's own.")
+    if not metadata.timeline:
+        return "No freeze timeline was recorded, so whether the prefix trained before it froze is unknown." + checked
+    return "The prefix froze before the first optimizer step, from the weights it was loaded with." + checked
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's connection errors (huggingface_hub 2 uses `httpx2`, 1.x `httpx`); they are not `OSError`."""
+    errors = []
+    for module in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def _template() -> str:

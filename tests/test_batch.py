@@ -220,6 +220,49 @@ def test_timings_synchronise_an_accelerator_but_not_the_cpu(monkeypatch):
     assert calls == [torch.device("cuda", 1)]
 
 
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_only_a_pending_auto_verdict_synchronises_the_device(monkeypatch, mode):
+    calls = []
+    monkeypatch.setattr("hf_freeze.cache.batch.synchronize", lambda device: calls.append(device))
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    provider = provider_for(model)
+    provider.mode = mode
+    batch, keys = tiny_batch(model, "seq"), torch.tensor([0, 1, 2])
+    for step in range(8):  # a miss, then hits; "auto" judges once three of each are timed
+        if step in (1, 2):  # two more misses: other keys
+            provider.states_for(batch, keys + 10 * step, 2)
+        provider.states_for(batch, keys, 2)
+    if mode == "on":
+        assert calls == []
+    else:
+        assert 2 in provider.verdict.verdicts and calls  # timed with the device synchronised until judged
+        judged = len(calls)
+        provider.states_for(batch, keys, 2)
+        assert len(calls) == judged
+
+
+def test_saved_seconds_prices_each_hit_at_its_own_boundary():
+    from hf_freeze.cache.batch import CacheStats
+
+    stats = CacheStats(seconds_per_token={1: 1.0, 4: 4.0}, read_seconds=2.0)
+    stats.hit_tokens_by_boundary = {1: 10}
+    assert stats.saved_seconds() == pytest.approx(10 * 1.0 - 2.0)  # not 10 * 4.0 (the costliest boundary)
+    stats.hit_tokens_by_boundary = {1: 10, 2: 5}  # boundary 2 never computed: boundary 1's cost, scaled by 2
+    assert stats.saved_seconds() == pytest.approx(10 * 1.0 + 5 * 2.0 - 2.0)
+
+
+def test_a_run_logs_hits_at_their_boundary():
+    model = tiny_model("bert", "seq")
+    freeze_prefix(model, 2)
+    provider = provider_for(model)
+    batch, keys = tiny_batch(model, "seq"), torch.tensor([0, 1, 2])
+    provider.states_for(batch, keys, 2)
+    provider.states_for(batch, keys, 2)
+    tokens = int(batch["attention_mask"].sum())
+    assert provider.stats.hit_tokens_by_boundary == {2: tokens} and provider.stats.hit_tokens == tokens
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_left_padded_causal_lm_keeps_the_padding_states_it_predicts_from(family):
     # The last left-padding position predicts the first real token, so its state counts in the loss.

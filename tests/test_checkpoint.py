@@ -339,3 +339,54 @@ def test_a_prefix_that_trained_before_it_froze_is_named_when_saving_a_suffix(tmp
     with caplog.at_level("WARNING", logger="hf_freeze.checkpoint"):
         save_suffix(model, tmp_path / "late", timeline=[{"step": 128, "boundary": BOUNDARY}])
     assert "trained for 128 optimizer steps before it froze" in caplog.text and "policy='fixed'" in caplog.text
+
+
+def _flip_bytes(path, offset_from_end=64):
+    """Change bytes inside a file's tensor data, keeping its size."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + 4):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_suffix_are_refused_naming_the_file(tmp_path):
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "s")
+    metadata = read_metadata(tmp_path / "s")
+    assert set(metadata.sha256) == {SUFFIX_WEIGHTS_NAME}
+    weights = tmp_path / "s" / SUFFIX_WEIGHTS_NAME
+    size = weights.stat().st_size
+    _flip_bytes(weights)
+    assert weights.stat().st_size == size
+    with pytest.raises(CheckpointError, match=rf"{SUFFIX_WEIGHTS_NAME} is corrupt: its sha256 .*Download it again"):
+        load_suffix(tmp_path / "s", base=tiny_model("bert", "base"))
+
+
+def test_flipped_bytes_in_a_full_checkpoint_are_refused_naming_the_file(tmp_path):
+    save_pretrained(fine_tuned("bert", "seq"), tmp_path / "full")
+    assert set(read_metadata(tmp_path / "full").sha256) == {"model.safetensors"}
+    assert load_suffix(tmp_path / "full") is not None  # intact: loads
+    _flip_bytes(tmp_path / "full" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+        load_suffix(tmp_path / "full")
+
+
+def test_a_mismatched_base_without_a_path_is_named_by_its_class(tmp_path):
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "s")
+    wrong = tiny_model("bert", "base", seed=7)
+    wrong.config._name_or_path = ""
+    with pytest.raises(BaseMismatchError) as error:
+        load_suffix(tmp_path / "s", base=wrong)
+    assert "this base (BertModel built in memory (no path or Hub id))" in str(error.value)
+    assert "()" not in str(error.value).replace("(no path or Hub id))", "")
+
+
+def test_a_base_from_a_hub_cache_snapshot_is_recorded_by_its_hub_id(tmp_path):
+    snapshot = tmp_path / "hub" / "models--someone--tiny-bert" / "snapshots" / "0123abcd"
+    tiny_model("bert", "seq").save_pretrained(snapshot)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(snapshot)
+    freeze_prefix(model, BOUNDARY)
+    save_suffix(model, tmp_path / "s")
+    metadata = read_metadata(tmp_path / "s")
+    assert (metadata.base_model, metadata.base_revision) == ("someone/tiny-bert", "0123abcd")
+    assert metadata.base_model_path == str(snapshot.resolve())
+    assert frozen_boundary(load_suffix(tmp_path / "s")) == BOUNDARY  # the base loads from its local folder

@@ -1,6 +1,7 @@
 """The `hf-freeze` command: `--help` everywhere, `inspect` on models and saved folders, `train`'s hand-off."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import pytest
 from conftest import tiny_model
 from test_checkpoint import fine_tuned
 
-from hf_freeze.checkpoint import save_suffix
+from hf_freeze.checkpoint import SUFFIX_WEIGHTS_NAME, save_suffix
 from hf_freeze.cli import build_parser, main
 from hf_freeze.layout import find_layout
 
@@ -83,3 +84,93 @@ def test_train_hands_its_flags_to_the_recipe(capsys):
         main(["train", "text-classification", "--help"])
     assert exit_.value.code == 0
     assert "--policy" in capsys.readouterr().out  # FreezeConfig's flags: the recipe's parser answered
+
+
+# ---- failures: one line on stderr, a non-zero exit, no traceback (the real command, in a subprocess) ----
+
+MISSING = "/no/such/folder"
+UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+
+
+def failure_cases(command, folders):
+    """`{case: (argv, extra environment, a phrase the error line must hold)}` for one subcommand."""
+    good, corrupt = str(folders["good"]), str(folders["corrupt"])
+
+    def model(value):  # where each subcommand takes the model it loads
+        return {"inspect": ["inspect", value], "push": ["push", value, "user/x", "--token", "hf_x"],
+                "train": ["train", "text-classification", "--model_name_or_path", value, "--output_dir",
+                          str(folders["out"])],
+                "serve": ["serve", "--base", value]}[command]
+
+    cases = {
+        "missing path": (model(MISSING), {}, "not a folder" if command == "push" else "does not exist"),
+        "corrupt folder": (model(corrupt), {}, "is corrupt: its sha256"),
+    }
+    if command == "push":  # the folder is local; the Hub id is the target repo
+        cases.update({
+            "bad Hub id": (["push", good, "not a repo id!"], {}, "not a valid Hub repo id"),
+            "offline": (["push", good, "user/x", "--token", "hf_x"], {}, "unset HF_HUB_OFFLINE"),
+            "unreachable Hub": (["push", good, "user/x", "--token", "hf_x"], UNREACHABLE, "reach the Hub"),
+        })
+    else:
+        cases.update({
+            "bad Hub id": (model("not a repo id!"), {}, "nor a valid Hub id"),
+            "offline": (model("someone/never-downloaded"), {}, "the Hub is offline (HF_HUB_OFFLINE=1)"),
+            "unreachable Hub": (model("someone/never-downloaded"), UNREACHABLE, "could not reach the Hub"),
+        })
+    return cases
+
+
+@pytest.fixture
+def cli_folders(tmp_path):
+    tiny_model("bert", "base").save_pretrained(tmp_path / "base")
+    for name in ("good", "corrupt"):
+        save_suffix(fine_tuned("bert", "seq"), tmp_path / name, base_model=str(tmp_path / "base"))
+    weights = tmp_path / "corrupt" / SUFFIX_WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # same size, other bytes: only the recorded sha256 tells
+    weights.write_bytes(bytes(data))
+    return {"good": tmp_path / "good", "corrupt": tmp_path / "corrupt", "out": tmp_path / "out"}
+
+
+def test_a_folder_with_an_unreadable_config_is_refused_before_loading(tmp_path):
+    from hf_freeze.commands.errors import CommandError, check_model_source
+
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CommandError, match=r"config\.json is unreadable .*the folder is corrupt; save or download"):
+        check_model_source(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(CommandError, match="has no config.json"):
+        check_model_source(str(tmp_path))
+
+
+def run_concurrently(commands):
+    """Start every `(argv, extra environment)` at once (each pays the imports), then wait for all."""
+    processes = []
+    for argv, extra in commands:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+        processes.append(subprocess.Popen([sys.executable, "-m", "hf_freeze.cli", *argv], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        results.append((process.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("command", ["inspect", "push", "train", "serve"])
+def test_every_failure_is_one_line_on_stderr(command, cli_folders):
+    cases = failure_cases(command, cli_folders)
+    results = run_concurrently([(argv, extra) for argv, extra, _ in cases.values()])
+    for (case, (_, _, phrase)), (code, out, err) in zip(cases.items(), results):
+        lines = err.strip().splitlines()
+        assert code != 0, (case, out, err)
+        assert "Traceback" not in err, (case, err)
+        assert len(lines) == 1, (case, err)
+        assert lines[0].startswith(f"hf-freeze {command}: error: "), (case, err)
+        assert phrase in lines[0], (case, lines[0])
+
+
+def test_debug_shows_the_traceback(cli_folders):
+    [(code, _, err)] = run_concurrently([(["--debug", "inspect", MISSING], {})])
+    assert code != 0 and "Traceback" in err and "CommandError" in err

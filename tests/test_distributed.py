@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from conftest import tiny_batch, tiny_model
 
@@ -190,6 +191,9 @@ def test_real_training_arguments_with_deepspeed_or_fsdp_are_refused_before_the_f
 # ---- gradients the policy reads ----
 
 def scaled_step(scale):
+    # AcceleratedOptimizer reads Accelerate's global state, which a Trainer sets up: set it up here too, so the test
+    # does not depend on an earlier test having built a Trainer (a no-op when one did).
+    Accelerator()
     model = tiny_model("bert", "seq").eval()  # no dropout: two forwards give the same gradients
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
@@ -251,3 +255,26 @@ def test_freeze_trainer_picks_rank_stable_sharding_only_where_it_applies(tmp_pat
     grouped.args.train_sampling_strategy = "group_by_length"
     with pytest.raises(ValueError, match="train_sampling_strategy='random' or rank_stable_sharding=False"):
         grouped._get_train_sampler()
+
+
+def test_active_blocks_ddp_starts_over_from_a_new_wrapper_of_a_second_train(tmp_path):
+    from hf_freeze import freeze_prefix
+    from hf_freeze.distributed import ActiveBlocksDDP
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_model("bert", "seq")
+        freeze_prefix(model, 2)
+        active = ActiveBlocksDDP()
+        first = torch.nn.parallel.DistributedDataParallel(model)  # what the Trainer wraps for the first train()
+        rebuilt = active.wrapper_for(first, 2)
+        assert rebuilt is not first and active.wrapper_for(first, 2) is rebuilt  # kept for the rest of the loop
+        assert active.wrapper_for(rebuilt, 2) is rebuilt  # a second train() handed the rebuilt wrapper: kept
+        second = torch.nn.parallel.DistributedDataParallel(model)  # the model wrapped again (auto_find_batch_size)
+        fresh = active.wrapper_for(second, 2)
+        assert fresh is not rebuilt and fresh.module is model
+        assert {id(p) for p in fresh.parameters() if p.requires_grad} == {
+            id(p) for p in model.parameters() if p.requires_grad}
+        assert active.wrapper_for(second, 2) is fresh
+    finally:
+        torch.distributed.destroy_process_group()

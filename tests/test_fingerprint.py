@@ -1,4 +1,5 @@
-"""Fingerprints of the frozen prefix: per-unit digests, chained; remembered only for frozen units."""
+"""Fingerprints of the frozen prefix: per-unit digests, chained; remembered only for frozen units, and only while
+their weights are unchanged."""
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_the_head_and_class_do_not_change_it_but_the_seed_does():
     assert prefix_fingerprint(task, find_layout(task), 3, seed="x") != prefix_fingerprint(task, find_layout(task), 3)
 
 
-def test_frozen_units_are_hashed_once_and_forgotten_on_unfreeze(monkeypatch):
+def test_frozen_units_are_hashed_once_while_unchanged(monkeypatch):
     model = tiny_bert()
     freeze_prefix(model, 2)
     layout = find_layout(model)
@@ -74,3 +75,85 @@ def test_a_frozen_prefix_is_chained_once_until_unfrozen(monkeypatch):
     with torch.no_grad():
         layout.blocks[0].output.dense.weight[0, 0] += 1e-3
     assert prefix_fingerprint(model, layout, 2, seed="m", frozen_boundary=None) != first
+
+
+def _edits():
+    """Ways to change block 0's weights (unit 1) behind the fingerprint's back."""
+    def copy_in_place(model, layout):
+        with torch.no_grad():
+            layout.blocks[0].output.dense.weight.mul_(1.5)
+
+    def load_state_dict(model, layout):
+        block = layout.blocks[0]
+        block.load_state_dict({k: v * 1.5 for k, v in block.state_dict().items()})
+
+    def load_state_dict_assign(model, layout):
+        block = layout.blocks[0]
+        block.load_state_dict({k: v * 1.5 for k, v in block.state_dict().items()}, assign=True)
+
+    def swap_data(model, layout):
+        weight = layout.blocks[0].output.dense.weight
+        weight.data = weight.data * 1.5
+
+    def new_parameter(model, layout):
+        dense = layout.blocks[0].output.dense
+        dense.weight = torch.nn.Parameter(dense.weight.detach() * 1.5, requires_grad=False)
+
+    return [copy_in_place, load_state_dict, load_state_dict_assign, swap_data, new_parameter]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
+def test_any_change_to_frozen_weights_invalidates_what_was_remembered(edit):
+    model = tiny_bert()
+    freeze_prefix(model, 2)
+    layout = find_layout(model)
+    before = prefix_fingerprint(model, layout, 2, seed="m", frozen_boundary=2)
+    before_units = unit_digests(model, layout, 2, frozen_boundary=2)
+    edit(model, layout)
+    fresh = chain_digests([unit_digest(layout, unit) for unit in range(3)], "m")
+    assert fresh != before
+    assert prefix_fingerprint(model, layout, 2, seed="m", frozen_boundary=2) == fresh
+    units = unit_digests(model, layout, 2, frozen_boundary=2)
+    assert units[0] == before_units[0] and units[1] != before_units[1]
+
+
+def test_nothing_is_remembered_on_the_model_object():
+    model = tiny_bert()
+    freeze_prefix(model, 2)
+    names = set(model.__dict__)
+    prefix_fingerprint(model, find_layout(model), 2, frozen_boundary=2)
+    assert set(model.__dict__) == names
+
+
+def test_metadata_saved_after_an_in_place_load_records_the_new_fingerprint(tmp_path):
+    from hf_freeze.checkpoint import full_metadata
+
+    model = tiny_bert()
+    freeze_prefix(model, 2)
+    layout = find_layout(model)
+    first = full_metadata(model).prefix_fingerprint
+    other = tiny_bert(seed=1).state_dict()
+    model.load_state_dict({n: other[n] for n, p in model.named_parameters() if not p.requires_grad}, strict=False)
+    assert full_metadata(model).prefix_fingerprint == chain_digests([unit_digest(layout, u) for u in range(3)]) != first
+
+
+@pytest.mark.parametrize("target", ["cpu", "disk"])
+def test_offloaded_frozen_units_are_remembered_and_an_edit_of_their_cpu_copy_is_seen(target, tmp_path, monkeypatch):
+    from hf_freeze.offload import offload_frozen_blocks
+
+    model = tiny_bert()
+    freeze_prefix(model, 3)
+    layout = find_layout(model)
+    before = prefix_fingerprint(model, layout, 3, frozen_boundary=3)
+    offload_frozen_blocks(model, layout, 3, target, offload_dir=str(tmp_path))
+    calls = []
+    monkeypatch.setattr("hf_freeze.fingerprint.unit_digest",
+                        lambda lay, unit: calls.append(unit) or unit_digest(lay, unit))
+    assert prefix_fingerprint(model, layout, 3, frozen_boundary=3) == before  # read from the hooks' weights
+    calls.clear()
+    assert prefix_fingerprint(model, layout, 3, frozen_boundary=3) == before
+    assert calls == []  # remembered: the stamps of offloaded tensors are stable
+    if target == "cpu":
+        with torch.no_grad():
+            layout.blocks[0].output.dense._hf_hook.weights_map["weight"].add_(1.0)
+        assert prefix_fingerprint(model, layout, 3, frozen_boundary=3) != before

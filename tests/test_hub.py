@@ -222,4 +222,54 @@ def test_the_push_command(hub, tmp_path):
     assert card.data.base_model == "openai-community/gpt2" and card.data.base_model_relation == "adapter"
     assert "[openai-community/gpt2](https://huggingface.co/openai-community/gpt2)" in card.text
     result = run_client(hub, tmp_path, env_code.replace("user/cli-suffix", "refused/cli"))
-    assert result.returncode == 1 and "HTTP 403" in result.stdout
+    assert result.returncode == 1 and "HTTP 403" in result.stderr and "HTTP 403" not in result.stdout
+
+
+def test_the_card_says_whose_fingerprint_it_is(tmp_path):
+    model = fine_tuned("bert", "seq")
+    save_suffix(model, tmp_path / "early", timeline=[{"step": 0, "epoch": 0.0, "boundary": 2}])
+    save_suffix(model, tmp_path / "late", timeline=[{"step": 0, "epoch": 0.0, "boundary": 0},
+                                                    {"step": 40, "epoch": 1.0, "boundary": 2}])
+    early, late = card_for_folder(tmp_path / "early").text, card_for_folder(tmp_path / "late").text
+    for text in (early, late):
+        assert "of the frozen prefix, as saved" in text and "of the base at this boundary" not in text
+    assert "froze before the first optimizer step" in early and "refuses a base whose prefix differs" in early
+    assert "trained for up to 40 optimizer steps before it froze, so this is not the base's" in late
+
+
+def test_a_local_base_gets_base_model_from_base_model_id(tmp_path):
+    tiny_model("bert", "base").save_pretrained(tmp_path / "base")
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "suffix", base_model=str(tmp_path / "base"))
+    assert card_for_folder(tmp_path / "suffix").data.base_model is None  # a local path is no Hub id
+    card = card_for_folder(tmp_path / "suffix", base_model_id="someone/tiny-bert")
+    assert (card.data.base_model, card.data.base_model_relation) == ("someone/tiny-bert", "adapter")
+
+
+def test_push_with_base_model_id_records_the_hub_base(hub, tmp_path):
+    tiny_model("gpt2", "base").save_pretrained(tmp_path / "base")
+    save_suffix(fine_tuned("gpt2", "seq"), tmp_path / "suffix", base_model=str(tmp_path / "base"))
+    result = check(run_client(hub, tmp_path, f"""
+        import sys
+        from hf_freeze.cli import main
+        sys.exit(main(["push", {str(tmp_path / "suffix")!r}, "user/local-base", "--base-model-id", "user/tiny-gpt2"]))
+    """))
+    assert "pushed" in result.stdout
+    repo = hub.repos["user/local-base"]
+    card = ModelCard(repo.files["README.md"].decode())
+    assert (card.data.base_model, card.data.base_model_relation) == ("user/tiny-gpt2", "adapter")
+    metadata = json.loads(repo.files["hf_freeze.json"])
+    assert metadata["base_model"] == "user/tiny-gpt2"
+    assert metadata["base_model_path"] == str((tmp_path / "base").resolve())
+
+
+def test_a_corrupt_folder_is_not_pushed(tmp_path):
+    from hf_freeze.checkpoint import SUFFIX_WEIGHTS_NAME, CheckpointError
+
+    save_suffix(fine_tuned("bert", "seq"), tmp_path / "suffix")
+    weights = tmp_path / "suffix" / SUFFIX_WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="suffix.safetensors is corrupt"):
+        push_folder(tmp_path / "suffix", "user/corrupt", token="hf_any", base_model_id="user/base")
+    assert read_metadata(tmp_path / "suffix").base_model != "user/base"  # nothing re-recorded

@@ -54,6 +54,7 @@ TESTED_ELSEWHERE = {
     "inspect": "test_cli.py",
     "push": "test_cli.py",
     "train": "test_cli.py",
+    "errors": "test_cli.py",  # how every subcommand fails: one line on stderr
     "serving": "test_serving_app.py",  # the package's public names are what the app and tests import
     "app": "test_serving_app.py",
     "requests": "test_serving_app.py",  # request parsing and errors, through the HTTP routes

@@ -253,6 +253,18 @@ def test_flush_writes_metadata_atomically(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_frozen_weights_loaded_in_place_miss_without_any_unfreeze(cache):
+    cache.put(7, DIGEST, 2, states())
+    with cache.same_weights():
+        assert cache.get(7, DIGEST, 2) is not None
+    other = tiny_model("bert", "seq", seed=1).state_dict()
+    frozen = {n: other[n] for n, p in cache.model.named_parameters() if not p.requires_grad}
+    cache.model.load_state_dict(frozen, strict=False)  # as load_best_model_at_end or a resume does
+    assert cache.get(7, DIGEST, 2) is None
+    with cache.same_weights():  # one batch's lookups: checked once, against the weights as they are now
+        assert cache.put(8, DIGEST, 2, states()) and cache.get(8, DIGEST, 2) is not None
+
+
 def test_each_frozen_unit_is_hashed_once_across_boundaries(monkeypatch):
     from hf_freeze import fingerprint
 

@@ -393,3 +393,90 @@ def test_a_disk_cache_reused_with_other_weights_serves_the_new_ones(tmp_path):
                     callbacks=[FreezeCallback(FreezeConfig(policy="fixed", boundary=2))])
     plain.train()
     assert_same_weights(runs[1].model, plain.model)
+
+
+# ---- weights changed in place: the cache and the saved fingerprint follow them ----
+
+
+def _eval_loss_of_the_model_itself(model, data, tmp_path):
+    """The model's own evaluation (plain Trainer, no cache)."""
+    return Trainer(model=model, args=training_args(tmp_path / "own"), eval_dataset=data,
+                   data_collator=PadCollator()).evaluate()["eval_loss"]
+
+
+class _FirstIsBest:
+    """`compute_metrics` whose first evaluation is the best one (`greater_is_better=True`)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, prediction):
+        self.calls += 1
+        return {"rank": -self.calls}
+
+
+def test_load_best_model_at_end_from_before_a_freeze_evaluates_the_loaded_weights(tmp_path):
+    from hf_freeze.fingerprint import prefix_fingerprint
+    from hf_freeze.freezing import get_layout
+
+    data = token_dataset(size=24)
+    args = training_args(tmp_path / "run", eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                         load_best_model_at_end=True, metric_for_best_model="rank", greater_is_better=True,
+                         num_train_epochs=3)
+    trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=args, train_dataset=data, eval_dataset=data,
+                            data_collator=PadCollator(), compute_metrics=_FirstIsBest(),
+                            freeze_config=FreezeConfig(**SCHEDULE, cache="on"))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")  # before the first freeze
+    assert trainer.freeze_callback.timeline[0]["step"] > 1 and frozen_boundary(trainer.model) == 3
+    cached = trainer.evaluate()["eval_loss"]
+    assert trainer.boundary_states.stats.hits > 0  # states recomputed with the loaded weights are read back
+    assert cached == pytest.approx(_eval_loss_of_the_model_itself(trainer.model, data, tmp_path), rel=1e-5)
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    saved = read_metadata(tmp_path / "saved").prefix_fingerprint
+    assert saved == prefix_fingerprint(reloaded, get_layout(reloaded), 3)
+
+
+def test_resume_from_a_checkpoint_before_the_last_freeze_does_not_read_stale_states(tmp_path):
+    data = token_dataset(size=40)
+    runs = []
+    for cache in ("on", "off"):
+        args = training_args(tmp_path / cache, save_strategy="steps", save_steps=1, num_train_epochs=3)
+        trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=args, train_dataset=data, eval_dataset=data,
+                                data_collator=PadCollator(), freeze_config=FreezeConfig(**SCHEDULE, cache=cache))
+        trainer.train()
+        middle = trainer.freeze_callback.timeline[-1]["step"] - 1  # blocks 0..2 frozen there, block 2 still trains
+        # resumed in the same process: the model keeps boundary 3, and block 2 gets its weights of step `middle`
+        trainer.train(resume_from_checkpoint=str(tmp_path / cache / f"checkpoint-{middle}"))
+        runs.append(trainer)
+    cached, plain = runs
+    assert cached.boundary_states.stats.hits > 0
+    assert_same_weights(cached.model, plain.model)
+    assert cached.evaluate()["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-5)
+
+
+class _LoadFrozenWeightsAfterFirstEpoch(transformers.TrainerCallback):
+    """Loads other values into the frozen prefix, in place, once the first epoch ended."""
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if round(state.epoch) == 1:
+            other = tiny_model("bert", "seq", seed=1).state_dict()
+            frozen = {n: other[n] for n, p in model.named_parameters() if not p.requires_grad}
+            model.load_state_dict(frozen, strict=False)
+
+
+def test_an_in_place_load_of_frozen_weights_between_epochs_is_seen_by_the_cache(tmp_path):
+    data = token_dataset(size=40)
+    runs = []
+    for cache in ("on", "off"):
+        trainer = FreezeTrainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path / cache),
+                                train_dataset=data, eval_dataset=data, data_collator=PadCollator(),
+                                callbacks=[_LoadFrozenWeightsAfterFirstEpoch()],
+                                freeze_config=FreezeConfig(policy="fixed", boundary=2, cache=cache))
+        trainer.train()
+        runs.append(trainer)
+    cached, plain = runs
+    assert cached.boundary_states.stats.hits > 0
+    assert_same_weights(cached.model, plain.model)
+    assert cached.evaluate()["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-5)

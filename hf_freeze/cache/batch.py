@@ -15,7 +15,9 @@ of the way and the model runs its plain forward.
 `"auto"` also judges, per boundary, whether the cache pays: it times reading and re-padding hits and computing
 misses with the frozen prefix (the device synchronised around each, so an accelerator's queued kernels are
 counted), and once it has `JUDGE_BATCHES` batches of each it compares the medians; a cache that does not pay is
-off at that boundary from then on.
+off at that boundary from then on. Only a pending verdict synchronises: with `"on"`, or once a boundary is judged,
+the clocks are read without waiting for the device (the logged `cache/saved_seconds` is then an estimate from
+launch times on an accelerator), so the cache never stalls the queue for bookkeeping.
 """
 
 from __future__ import annotations
@@ -51,15 +53,28 @@ class CacheStats:
     stored: int = 0
     not_stored: int = 0
     hit_tokens: int = 0
+    hit_tokens_by_boundary: dict[int, int] = field(default_factory=dict)
     read_seconds: float = 0.0
     compute_seconds: float = 0.0
     computed_tokens: int = 0
     seconds_per_token: dict[int, float] = field(default_factory=dict)  # median frozen-prefix cost by boundary
 
     def saved_seconds(self) -> float:
-        """Estimated prefix compute time the hits avoided, net of the time spent reading them."""
-        cost = max(self.seconds_per_token.values(), default=0.0)
-        return max(self.hit_tokens * cost - self.read_seconds, 0.0)
+        """Estimated prefix compute time the hits avoided, net of the time spent reading them: each hit priced at
+        its own boundary's measured cost per token (a boundary never measured: the nearest measured one's, scaled
+        by the number of blocks, which the prefix's cost follows)."""
+        saved = sum(tokens * self.cost_per_token(boundary) for boundary, tokens in self.hit_tokens_by_boundary.items())
+        return max(saved - self.read_seconds, 0.0)
+
+    def cost_per_token(self, boundary: int) -> float:
+        """Seconds per token of the frozen prefix up to `boundary` (measured, or scaled from the nearest measured
+        boundary; 0 when none was measured)."""
+        if boundary in self.seconds_per_token:
+            return self.seconds_per_token[boundary]
+        if not self.seconds_per_token:
+            return 0.0
+        nearest = min(self.seconds_per_token, key=lambda measured: (abs(measured - boundary), measured))
+        return self.seconds_per_token[nearest] * boundary / max(nearest, 1)
 
     def as_logs(self, cache: PrefixCache) -> dict[str, float]:
         return {
@@ -225,12 +240,18 @@ class BatchCache:
 
     def _states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
                 ) -> torch.Tensor | None:
+        with self.cache.same_weights():  # the fingerprints are checked once per batch, against the weights as they are
+            return self._batch_states(inputs, keys, boundary, store=store)
+
+    def _batch_states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
+                      ) -> torch.Tensor | None:
         model_inputs = {k: v for k, v in inputs.items() if k not in self.label_names}
         digests = example_digests(model_inputs, exclude=())
         kept = _kept_positions(model_inputs)
         device = execution_device(self.runner.layout.blocks[boundary - 1])
 
-        read_started = _now(device)
+        deciding = self.mode == "auto" and boundary not in self.verdict.verdicts  # only then wait for the device
+        read_started = _now(device, deciding)
         key_list: list[int] = keys.tolist()  # read back once: the Trainer may have moved the keys to the device
         entries = [self.cache.get(key, digest, boundary) for key, digest in zip(key_list, digests)]
         if not store and all(entry is None for entry in entries):
@@ -251,12 +272,12 @@ class BatchCache:
                 to_advance[entry.boundary].append(i)
         if not missing and not to_advance:
             padded = _pad(per_example, kept, self._dtype(boundary), device)
-            read_seconds = _now(device) - read_started
+            read_seconds = _now(device, deciding) - read_started
             self._record(boundary, read=read_seconds / max(hit_tokens, 1))
             self.stats.read_seconds += read_seconds
-            self.stats.hit_tokens += hit_tokens
+            self._count_hits(boundary, hit_tokens)
             return padded
-        self.stats.hit_tokens += hit_tokens
+        self._count_hits(boundary, hit_tokens)
 
         for start_boundary, rows in sorted(to_advance.items()):
             start = _pad([per_example[i] for i in rows], kept[rows], self._dtype(boundary), device)
@@ -265,9 +286,9 @@ class BatchCache:
             self._keep(per_example, rows, states, kept, key_list, digests, boundary, store)
             self.stats.advanced += len(rows)
         if missing:
-            started = _now(device)
+            started = _now(device, deciding)
             states = self.runner.boundary_states(_rows(model_inputs, missing, len(kept)), boundary)
-            elapsed = _now(device) - started
+            elapsed = _now(device, deciding) - started
             tokens = int(kept[missing].sum())
             self.stats.compute_seconds += elapsed
             self.stats.computed_tokens += tokens
@@ -275,6 +296,12 @@ class BatchCache:
             self._keep(per_example, missing, states, kept, key_list, digests, boundary, store)
             self.stats.misses += len(missing)
         return _pad(per_example, kept, self._dtype(boundary), device)
+
+    def _count_hits(self, boundary: int, tokens: int) -> None:
+        self.stats.hit_tokens += tokens
+        if tokens:
+            by_boundary = self.stats.hit_tokens_by_boundary
+            by_boundary[boundary] = by_boundary.get(boundary, 0) + tokens
 
     def _record(self, boundary: int, *, read: float | None = None, compute: float | None = None) -> None:
         if compute is not None:
@@ -316,8 +343,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _now(device: torch.device) -> float:
-    synchronize(device)
+def _now(device: torch.device, sync: bool) -> float:
+    if sync:
+        synchronize(device)
     return time.perf_counter()
 
 

@@ -9,6 +9,10 @@ reused `cache_dir`, or `unfreeze`, more training and a new freeze in one process
 replaces the old one and its stale entries are dropped, so their bytes are reclaimed. An entry at an older boundary
 `b < k` stays useful: blocks `[b, k)` turn it into the state at `k`.
 
+The fingerprint is checked against the weights as they are at every lookup (a change in place, such as a
+checkpoint loaded by `load_best_model_at_end` or `resume_from_checkpoint`, is seen by `hf_freeze.fingerprint`'s
+stamps); within `same_weights()` (one batch's lookups, during which nothing writes weights) once per boundary.
+
 On disk (`directory=`) the states live in one memory-mapped file (`states.bin`), next to `index.json` and
 `manifest.json`, both replaced atomically (temp file, fsync, rename). Each entry carries a CRC32, so a torn or
 corrupt write is detected and read as a miss. A full disk or an exhausted byte budget stops new entries (one
@@ -17,6 +21,7 @@ warning); the run goes on recomputing those examples.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -24,6 +29,7 @@ import logging
 import os
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +120,17 @@ class PrefixCache:
         else:
             self.store, self.manifest = _DiskStore.open(Path(directory), manifest, max_bytes, on_stale)
         self.warned: set[str] = set()
+        self._pinned: dict[int, str] | None = None
+
+    @contextlib.contextmanager
+    def same_weights(self) -> Iterator[None]:
+        """Within this block the weights do not change (one batch's lookups and stores), so each boundary's
+        fingerprint is computed once instead of at every lookup."""
+        outer, self._pinned = self._pinned, {} if self._pinned is None else self._pinned
+        try:
+            yield
+        finally:
+            self._pinned = outer
 
     # ---- lookups ----
 
@@ -156,9 +173,15 @@ class PrefixCache:
 
     def fingerprint(self, boundary: int) -> str:
         """Fingerprint of the model description and the embeddings and blocks `[0, boundary)` weights as they are
-        now (units inside the frozen prefix are hashed once per freeze, see `hf_freeze.fingerprint`)."""
-        return prefix_fingerprint(self.model, self.layout, boundary, seed=self.model_fingerprint,
-                                  frozen_boundary=frozen_boundary(self.model))
+        now (units inside the frozen prefix are hashed again only when their weights changed, see
+        `hf_freeze.fingerprint`)."""
+        if self._pinned is not None and boundary in self._pinned:
+            return self._pinned[boundary]
+        fingerprint = prefix_fingerprint(self.model, self.layout, boundary, seed=self.model_fingerprint,
+                                         frozen_boundary=frozen_boundary(self.model))
+        if self._pinned is not None:
+            self._pinned[boundary] = fingerprint
+        return fingerprint
 
     def _record_fingerprint(self, boundary: int) -> None:
         current = self.fingerprint(boundary)

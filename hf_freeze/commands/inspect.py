@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..assets import MissingAssetError
-    from ..checkpoint import CheckpointError
+    """Print the report; errors (a missing path, a bad or unreachable Hub id, a corrupt folder) reach
+    `hf_freeze.cli.main`, which prints them in one line on stderr."""
+    from .errors import check_model_source
 
-    try:
-        report = inspect_model(args.model, base=args.base, check=not args.no_check, blocks_path=args.blocks_path)
-    except (CheckpointError, MissingAssetError) as error:  # a corrupt or newer folder, a packaged model not installed
-        print(f"hf-freeze inspect: {error}", file=sys.stderr)
-        return 1
+    source = check_model_source(args.model)
+    if args.base is not None:
+        check_model_source(args.base, what="the base")
+    report = inspect_model(source, base=args.base, check=not args.no_check, blocks_path=args.blocks_path)
+    report["model"] = args.model
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     matches = report.get("base_check", {}).get("matches", True)
     return {True: 0, False: 2}.get(matches, 1)  # 2: the base differs; 1: it could not be checked

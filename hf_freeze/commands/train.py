@@ -20,7 +20,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the model the recipe will load (a missing path, a bad, unknown or unreachable Hub id fail here in one
+    line), then run the recipe."""
     from .. import training
+    from .errors import check_model_source
 
+    model, _ = _model_flag().parse_known_args(list(args.recipe_args))
+    if model.model_name_or_path is not None:
+        check_model_source(model.model_name_or_path)
     getattr(training, TASKS[args.task])(list(args.recipe_args))
     return 0
+
+
+def _model_flag() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model_name_or_path", "--model-name-or-path")
+    return parser

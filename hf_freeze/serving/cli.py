@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,29 +54,29 @@ def serve(args: argparse.Namespace) -> int:
               "pip install 'hf-freeze[serve]'", file=sys.stderr)
         return 2
 
-    from ..assets import resolve_model
     from ..checkpoint import CheckpointError
+    from ..commands.errors import CommandError, check_model_source
     from .app import create_app
     from .engine import ServingEngine
     from .requests import BaseMismatchServingError
 
     models = {}
-    for spec in args.model:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            print(f"error: --model expects NAME=PATH, got {spec!r}", file=sys.stderr)
-            return 2
-        if not Path(path).exists():
-            print(f"error: --model {name}: {path} does not exist", file=sys.stderr)
-            return 2
-        models[name] = path
-    base_path = resolve_model(args.base)
+    try:  # a missing, corrupt or unreachable model fails here, in one line, before anything is loaded
+        for spec in args.model:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise CommandError(f"--model expects NAME=PATH, got {spec!r}")
+            models[name] = check_model_source(path, what=f"--model {name}:")
+        base_path = check_model_source(args.base, what="the base")
+    except (CommandError, CheckpointError) as error:
+        print(f"hf-freeze serve: error: {error}", file=sys.stderr)
+        return 2
     try:
         engine = ServingEngine.from_pretrained(
             base_path, models, base_name=args.base_name, pooling=args.pooling,
             cache_bytes=int(args.cache_mb * 2**20), share_prefix=not args.no_share_prefix, dtype=args.dtype)
     except (BaseMismatchServingError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"hf-freeze serve: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     tokenizer = _tokenizer(base_path)
     if tokenizer is None:

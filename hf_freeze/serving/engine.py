@@ -32,6 +32,7 @@ from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
 from .generation import Clock, generate_batch, pad_token_id, partial_cache
+from .limits import batch_pad_id, usable_positions
 from .prefix_cache import StateCache
 from .requests import (
     BaseMismatchServingError,
@@ -62,7 +63,8 @@ class ServedModel:
         pooling (`str`): `mean` or `cls`, for `embed`.
         parent (`str | None`): the base's name for a fine-tune.
         runner (`PrefixRunner`): runs the model with its frozen blocks replaced by given boundary states.
-        max_input_tokens (`int | None`): the model's positions (`config.max_position_embeddings`), when it has them.
+        max_input_tokens (`int | None`): tokens an input may have (`limits.usable_positions`: the model's
+            positions, minus those its family skips), when the model has positions.
     """
 
     name: str
@@ -256,10 +258,9 @@ class ServingEngine:
             except ServingError as error:
                 logger.warning("Model %r will not generate: %s", name, error)
                 tasks = tuple(t for t in tasks if t != "generate")
-        config = getattr(model, "config", None)
         served = ServedModel(name=name, model=model, boundary=boundary, tasks=tasks, pooling=self.pooling,
                              parent=parent, runner=PrefixRunner(model, get_layout(model)),
-                             max_input_tokens=getattr(config, "max_position_embeddings", None))
+                             max_input_tokens=usable_positions(model))
         self.models[name] = served
         return served
 
@@ -328,15 +329,17 @@ class ServingEngine:
                 lengths = [len(requests[i].input_ids) for i in model_rows]
                 for bucket in _length_buckets(lengths, self.max_padding):
                     rows = [model_rows[j] for j in bucket]
-                    inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(served.model),
-                                           execution_device(served.runner.layout.embeddings[0]))
-                    inputs.update(_no_cache_kwargs(served.model))
-                    if self._shares(served):
-                        padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
-                        with served.runner.inject_states(padded, served.boundary):
+                    sequences = [requests[i].input_ids for i in rows]
+                    with batch_pad_id(served.model, sequences if task == "predict" else [],
+                                      pad_token_id(served.model)) as pad:
+                        inputs = _right_padded(sequences, pad, execution_device(served.runner.layout.embeddings[0]))
+                        inputs.update(_no_cache_kwargs(served.model))
+                        if self._shares(served):
+                            padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
+                            with served.runner.inject_states(padded, served.boundary):
+                                out = served.model(**inputs)
+                        else:
                             out = served.model(**inputs)
-                    else:
-                        out = served.model(**inputs)
                     for row, i in enumerate(rows):
                         results[i] = (out, row)
             return results

@@ -18,11 +18,12 @@ import pytest
 import torch
 from conftest import tiny_model
 from serving_helpers import perturbed_finetune, random_ids
+from transformers import AutoTokenizer
 
-from hf_freeze import freeze_prefix
+from hf_freeze import assets, freeze_prefix
 from hf_freeze.checkpoint import save_suffix
-from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine
-from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine, ServingError
+from hf_freeze.serving.app import _encode, create_app, serve_in_thread
 from hf_freeze.serving.cli import main
 
 TOL = 1e-5
@@ -111,10 +112,13 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
     assert "cannot generate" in _error(httpx.post(f"{url}/generate", json=ok), 424, "wrong_task")
     assert "512 positions" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 600}), 422,
                                      "validation")
-    truncated = httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 600, "truncate": True})
+    first_and_last = [5] * 300 + [6] * 300  # truncation keeps the first 512 tokens, not the last
+    truncated = httpx.post(f"{url}/predict", json={**ok, "inputs": first_and_last, "truncate": True})
     assert truncated.status_code == 200
-    assert truncated.json() == httpx.post(f"{url}/predict", json={**ok, "inputs": [5] * 512}).json()
+    assert truncated.json() == httpx.post(f"{url}/predict", json={**ok, "inputs": first_and_last[:512]}).json()
+    assert truncated.json() != httpx.post(f"{url}/predict", json={**ok, "inputs": first_and_last[-512:]}).json()
     assert "truncate" in _error(httpx.post(f"{url}/predict", json={**ok, "truncate": "false"}), 422, "validation")
+    assert "inputs" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": []}), 422, "validation")
     assert "vocabulary" in _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [5, 10**6]}), 422,
                                   "validation")
     _error(httpx.post(f"{url}/predict", json={**ok, "inputs": [-1, 5]}), 422, "validation")
@@ -284,3 +288,49 @@ def test_load_model_shares_the_base_tensors_and_detects_the_boundary_of_plain_fo
     stranger.save_pretrained(tmp_path / "stranger")
     with pytest.raises(BaseMismatchServingError, match="stranger.*not fine-tuned from this base"):
         engine.load_model("stranger", tmp_path / "stranger")
+
+
+@pytest.fixture(scope="module")
+def text_server():
+    """A tiny BERT classifier over the packaged MiniLM tokenizer's vocabulary, with 16 positions."""
+    import transformers as T
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_path("minilm"))
+    config = T.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=37, max_position_embeddings=16, num_labels=2)
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(config).eval()
+    with serve_in_thread(create_app(ServingEngine(model), tokenizer=tokenizer, max_wait_ms=1)) as url:
+        yield url, model, tokenizer
+
+
+def test_text_is_truncated_at_its_end_keeping_the_closing_special_token(text_server):
+    url, model, tokenizer = text_server
+    text = "the first words differ from " + "the last ones " * 10 + "at the very end"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > 16
+    _error(httpx.post(f"{url}/predict", json={"inputs": text}), 422, "validation")
+    answer = httpx.post(f"{url}/predict", json={"inputs": text, "truncate": True, "raw_scores": True}).json()
+    kept = ids[:15] + [tokenizer.sep_token_id]  # [CLS] the first words ... [SEP]
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([kept])).logits[0]
+    got = torch.tensor([x["score"] for x in sorted(answer, key=lambda x: x["label"])])
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("text", ["", "   ", ["fine", ""], ["fine", " "]])
+def test_an_empty_text_is_a_422_not_a_prediction(text_server, text):
+    url = text_server[0]
+    assert "empty" in _error(httpx.post(f"{url}/predict", json={"inputs": text}), 422, "validation")
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2"])
+def test_an_empty_text_is_refused_whatever_the_tokenizer_adds(name):
+    """An encoder's tokenizer turns "" into [CLS] [SEP], a Llama one into <s>: neither is an input."""
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_path(name))
+    for text in ("", " " if name == "minilm" else ""):
+        with pytest.raises(ServingError, match="empty"):
+            _encode(tokenizer, text, None, keep_last=False)
+    ids = tokenizer("a text")["input_ids"]
+    assert _encode(tokenizer, "a text", None, keep_last=False) == ids
+    assert _encode(tokenizer, "a text " * 20, 6, keep_last=True)[-1] == tokenizer("a text " * 20)["input_ids"][-1]

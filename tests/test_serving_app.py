@@ -297,7 +297,8 @@ def text_server():
 
     tokenizer = AutoTokenizer.from_pretrained(assets.model_path("minilm"))
     config = T.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=37, max_position_embeddings=16, num_labels=2)
+                          intermediate_size=37, max_position_embeddings=16, num_labels=2,
+                          initializer_range=0.5)  # large weights: every token moves the logits
     torch.manual_seed(0)
     model = T.BertForSequenceClassification(config).eval()
     with serve_in_thread(create_app(ServingEngine(model), tokenizer=tokenizer, max_wait_ms=1)) as url:
@@ -313,9 +314,11 @@ def test_text_is_truncated_at_its_end_keeping_the_closing_special_token(text_ser
     answer = httpx.post(f"{url}/predict", json={"inputs": text, "truncate": True, "raw_scores": True}).json()
     kept = ids[:15] + [tokenizer.sep_token_id]  # [CLS] the first words ... [SEP]
     with torch.no_grad():
-        expected = model(input_ids=torch.tensor([kept])).logits[0]
+        expected, cut, last = (model(input_ids=torch.tensor([i])).logits[0]
+                               for i in (kept, ids[:16], ids[:1] + ids[-15:]))
     got = torch.tensor([x["score"] for x in sorted(answer, key=lambda x: x["label"])])
     torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+    assert not torch.allclose(got, cut, atol=1e-3) and not torch.allclose(got, last, atol=1e-3)
 
 
 @pytest.mark.parametrize("text", ["", "   ", ["fine", ""], ["fine", " "]])

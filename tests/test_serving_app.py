@@ -10,7 +10,9 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -337,3 +339,83 @@ def test_an_empty_text_is_refused_whatever_the_tokenizer_adds(name):
     ids = tokenizer("a text")["input_ids"]
     assert _encode(tokenizer, "a text", None, keep_last=False) == ids
     assert _encode(tokenizer, "a text " * 20, 6, keep_last=True)[-1] == tokenizer("a text " * 20)["input_ids"][-1]
+
+
+@pytest.fixture(scope="module")
+def generation_server():
+    """A decoder base and a fine-tune; batches wait 50 ms so that concurrent requests share them."""
+    base = tiny_model("llama", "causal").eval()
+    models = {"base": base, "k2": perturbed_finetune("llama", "causal", 2, seed=2, base=base)}
+    engine = ServingEngine(base)
+    engine.add_model("k2", models["k2"])
+    with serve_in_thread(create_app(engine, max_wait_ms=50)) as url:
+        yield url, engine, models
+
+
+def _greedy(model, ids, max_new_tokens):
+    own = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)[0, len(ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    return own[: own.index(eos) + 1] if eos in own else own
+
+
+_BAD_GENERATIONS = {  # each passed validation once, or crashed its batch, or both
+    "seed over uint64": {"parameters": {"do_sample": True, "seed": 2**70}},
+    "negative seed": {"parameters": {"do_sample": True, "seed": -1}},
+    "tiny temperature": {"parameters": {"do_sample": True, "temperature": 1e-300}},
+    "zero temperature": {"parameters": {"temperature": 0}},
+    "top_p 0": {"parameters": {"do_sample": True, "top_p": 0}},
+    "negative top_k": {"parameters": {"do_sample": True, "top_k": -1}},
+    "huge max_new_tokens": {"parameters": {"max_new_tokens": 10**12}},
+    "negative stop id": {"parameters": {"stop_token_ids": [-1]}},
+    "token outside the vocabulary": {"inputs": [5, 10**6]},
+    "huge token id": {"inputs": [5, 2**70]},
+    "no tokens": {"inputs": []},
+    "too long": {"inputs": [5] * 5000},
+}
+
+
+@pytest.mark.parametrize("bad", list(_BAD_GENERATIONS))
+def test_good_generations_batched_with_a_bad_one_get_their_answers(generation_server, bad):
+    url, _, models = generation_server
+    prompts = random_ids(6, 21)
+    good = [{"inputs": ids, "model": ["k2", None][i % 2], "parameters": {"max_new_tokens": 4}}
+            for i, ids in enumerate(prompts)]
+    bad_body = {"inputs": [5, 6, 7], **_BAD_GENERATIONS[bad]}
+
+    async def send():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            return await asyncio.gather(*(http.post("/generate", json=body) for body in [*good[:3], bad_body,
+                                                                                           *good[3:]]))
+
+    responses = asyncio.run(send())
+    _error(responses[3], 422, "validation")
+    for body, response in zip(good, responses[:3] + responses[4:], strict=True):
+        assert response.status_code == 200, response.text
+        model = models[body["model"] or "base"]
+        assert response.json()["token_ids"] == _greedy(model, body["inputs"], 4)
+
+
+def test_health_answers_while_a_megabyte_body_is_tokenized():
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowTokenizer:  # blocks until the test has had its /health answer
+        def __call__(self, text, **kwargs):
+            entered.set()
+            release.wait(30)
+            return {"input_ids": [5, 6, 7], "special_tokens_mask": [0, 0, 0]}
+
+    app = create_app(ServingEngine(tiny_model("bert", "seq").eval()), tokenizer=SlowTokenizer())
+    with serve_in_thread(app) as url:
+        text = "word " * 200_000  # 1 MB
+        pool = ThreadPoolExecutor(1)
+        pending = pool.submit(httpx.post, f"{url}/predict", json={"inputs": text}, timeout=60)
+        try:
+            assert entered.wait(30)
+            started = time.monotonic()
+            assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+            assert time.monotonic() - started < 2
+        finally:
+            release.set()
+        assert pending.result().status_code == 200
+        pool.shutdown()

@@ -14,8 +14,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 import torch
 from conftest import tiny_model
@@ -182,37 +184,99 @@ def test_info_and_metrics(classifier_server):
     assert hits >= 1 and hits == engine.cache.hits
 
 
-def test_loopback_load_every_request_answered_correctly(classifier_server):
+def _bad_requests(classifier: str, generator: str) -> list[tuple[str, str, str, dict, int, str]]:
+    """(url, method, path, httpx arguments, status, error_type) of requests that must fail alone."""
+    as_json = {"content-type": "application/json"}
+    return [
+        (classifier, "POST", "/predict", {"json": {"inputs": [5, 6], "model": "nope"}}, 404, "unknown_model"),
+        (classifier, "POST", "/predict", {"json": {"inputs": [5] * 600}}, 422, "validation"),
+        (classifier, "POST", "/predict", {"json": {"inputs": [5, 10**6]}}, 422, "validation"),
+        (classifier, "POST", "/predict", {"json": {"inputs": "text"}}, 422, "validation"),
+        (classifier, "POST", "/predict", {"json": {"inputs": [[5, 6]] * 9}}, 413, "payload_too_large"),
+        (classifier, "POST", "/predict", {"content": b'{"inputs": [1, 2', "headers": as_json}, 422, "validation"),
+        (classifier, "POST", "/predict", {"content": b"[" * 4000, "headers": as_json}, 422, "validation"),
+        (classifier, "POST", "/predict", {"content": b"x" * 5000, "headers": as_json}, 413, "payload_too_large"),
+        (classifier, "GET", "/predict", {}, 405, "method_not_allowed"),
+        (classifier, "POST", "/nope", {"json": {}}, 404, "not_found"),
+        (classifier, "POST", "/generate", {"json": {"inputs": [5, 6]}}, 424, "wrong_task"),
+        (generator, "POST", "/generate", {"json": {"inputs": [5, 6], "parameters": {"do_sample": True,
+                                                                                      "seed": 2**70}}},
+         422, "validation"),
+        (generator, "POST", "/generate", {"json": {"inputs": [5, 6], "parameters": {"do_sample": True,
+                                                                                      "temperature": 1e-300}}},
+         422, "validation"),
+        (generator, "POST", "/generate", {"json": {"inputs": [5] * 5000}}, 422, "validation"),
+    ]
+
+
+def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generation_server):
+    """2,400 requests from 32 concurrent clients on two servers: 5 in 8 good /predict, 1 in 8 good /generate, 1 in
+    4 bad (each kind above in turn). Every good one gets its model's own answer, every bad one its 4xx with the
+    error body; the servers stay up, the cache within its budget, and the process's memory bounded."""
     url, engine, models = classifier_server
-    inputs = random_ids(40, 11)
+    gen_url, _, gen_models = generation_server
+    inputs, prompts = random_ids(40, 11), random_ids(8, 31)
     names = ["k1", "k3", "base"]
     expected = {(n, i): _probs(models[n], ids) for n in names for i, ids in enumerate(inputs)}
-    total, clients = 2000, 32
-    answers: dict[int, tuple[int, list]] = {}
+    expected_tokens = {(n, i): _greedy(gen_models[n], ids, 4) for n in ("k2", "base") for i, ids in enumerate(prompts)}
+    bad = _bad_requests(url, gen_url)
+    total, clients = 2400, 32
+
+    def plan(r: int) -> tuple[str, Any]:
+        kind = r % 8
+        if kind < 5:
+            return "predict", (names[r % 3], (r * 7) % len(inputs))
+        if kind == 5:
+            return "generate", (["k2", "base"][r // 8 % 2], r // 16 % len(prompts))
+        return "bad", bad[(r // 8 * 2 + kind - 6) % len(bad)]
+
+    answers: dict[int, httpx.Response] = {}
 
     async def client(worker: int, http: httpx.AsyncClient) -> None:
         for r in range(worker, total, clients):
-            name, i = names[r % 3], (r * 7) % len(inputs)
-            response = await http.post("/predict", json={"inputs": inputs[i], "model": name})
-            answers[r] = (response.status_code, response.json())
+            kind, what = plan(r)
+            if kind == "predict":
+                answers[r] = await http.post(f"{url}/predict", json={"inputs": inputs[what[1]], "model": what[0]})
+            elif kind == "generate":
+                body = {"inputs": prompts[what[1]], "model": what[0], "parameters": {"max_new_tokens": 4}}
+                answers[r] = await http.post(f"{gen_url}/generate", json=body)
+            else:
+                base_url, method, path, kwargs, _, _ = what
+                answers[r] = await http.request(method, f"{base_url}{path}", **kwargs)
 
     async def load() -> None:
-        limits = httpx.Limits(max_connections=clients)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2 * clients), timeout=60) as http:
             await asyncio.gather(*(client(w, http) for w in range(clients)))
 
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    started = time.monotonic()
     asyncio.run(load())
-    assert len(answers) == total and all(status == 200 for status, _ in answers.values())
-    for r, (_, labels) in answers.items():
-        name, i = names[r % 3], (r * 7) % len(inputs)
-        got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
-        torch.testing.assert_close(got, expected[(name, i)], rtol=TOL, atol=TOL)
+    elapsed = time.monotonic() - started
+    growth = process.memory_info().rss - rss_before
+    assert len(answers) == total
+    for r, response in answers.items():
+        kind, what = plan(r)
+        if kind == "bad":
+            _error(response, what[4], what[5])
+            continue
+        assert response.status_code == 200, response.text
+        if kind == "predict":
+            labels = response.json()
+            got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
+            torch.testing.assert_close(got, expected[what], rtol=TOL, atol=TOL)
+        else:
+            assert response.json()["token_ids"] == expected_tokens[what]
+    assert elapsed < 60, f"{total} requests took {elapsed:.1f} s"
+    assert growth < 200 * 2**20, f"the process grew by {growth / 2**20:.0f} MiB"
+    assert all(httpx.get(f"{u}/health").status_code == 200 for u in (url, gen_url))
     assert engine.cache.evictions > 0 and engine.cache.nbytes <= engine.cache.max_bytes
     assert engine.cache.hits > 0
     metrics = httpx.get(f"{url}/metrics").text
     sums = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
             if line.startswith("hf_freeze_batch_size_")}
     assert sums['hf_freeze_batch_size_sum{task="predict"}'] > sums['hf_freeze_batch_size_count{task="predict"}']
+    print(f"load: {total} requests in {elapsed:.1f} s, RSS +{growth / 2**20:.0f} MiB")
 
 
 def _serve_command(*args: str) -> list[str]:

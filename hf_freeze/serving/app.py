@@ -152,7 +152,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     async def run(task: str, requests: list[Request]) -> list[Any]:
         if not batcher.alive:  # its futures would never be answered
             raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
-        futures = batcher.submit(task, requests)
+        futures = await run_in_threadpool(batcher.submit, task, requests)  # validation reads every token id
         queued.set(batcher.queued)
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
 

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 from hf_freeze import assets, freeze_prefix
 from hf_freeze.checkpoint import save_suffix
-from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine, ServingError
+from hf_freeze.serving import BaseMismatchServingError, Request, ServingEngine, ServingError, schemas
 from hf_freeze.serving.app import _encode, create_app, serve_in_thread
 from hf_freeze.serving.cli import main
 
@@ -460,15 +460,25 @@ def test_good_generations_batched_with_a_bad_one_get_their_answers(generation_se
         assert response.json()["token_ids"] == _greedy(model, body["inputs"], 4)
 
 
-def test_health_answers_while_a_megabyte_body_is_tokenized():
+@pytest.mark.parametrize("stage", ["parse", "tokenize"])
+def test_health_answers_while_a_megabyte_body_is_parsed_and_tokenized(stage, monkeypatch):
+    """The body's parsing and validation, then its tokenization, are held until /health has answered: were either on
+    the event loop, /health would wait for it."""
     entered, release = threading.Event(), threading.Event()
 
-    class SlowTokenizer:  # blocks until the test has had its /health answer
+    def hold():
+        entered.set()
+        release.wait(30)
+
+    class SlowTokenizer:
         def __call__(self, text, **kwargs):
-            entered.set()
-            release.wait(30)
+            if stage == "tokenize":
+                hold()
             return {"input_ids": [5, 6, 7], "special_tokens_mask": [0, 0, 0]}
 
+    if stage == "parse":
+        parse = schemas.PredictBody.model_validate_json
+        monkeypatch.setattr(schemas.PredictBody, "model_validate_json", lambda raw: (hold(), parse(raw))[1])
     app = create_app(ServingEngine(tiny_model("bert", "seq").eval()), tokenizer=SlowTokenizer())
     with serve_in_thread(app) as url:
         text = "word " * 200_000  # 1 MB

@@ -210,7 +210,7 @@ def _bad_requests(classifier: str, generator: str) -> list[tuple[str, str, str, 
 
 
 def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generation_server):
-    """2,400 requests from 32 concurrent clients on two servers: 5 in 8 good /predict, 1 in 8 good /generate, 1 in
+    """2,000 requests from 32 concurrent clients on two servers: 5 in 8 good /predict, 1 in 8 good /generate, 1 in
     4 bad (each kind above in turn). Every good one gets its model's own answer, every bad one its 4xx with the
     error body; the servers stay up, the cache within its budget, and the process's memory bounded."""
     url, engine, models = classifier_server
@@ -220,7 +220,7 @@ def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generatio
     expected = {(n, i): _probs(models[n], ids) for n in names for i, ids in enumerate(inputs)}
     expected_tokens = {(n, i): _greedy(gen_models[n], ids, 4) for n in ("k2", "base") for i, ids in enumerate(prompts)}
     bad = _bad_requests(url, gen_url)
-    total, clients = 2400, 32
+    total, clients = 2000, 32
 
     def plan(r: int) -> tuple[str, Any]:
         kind = r % 8

@@ -19,6 +19,7 @@ from serving_helpers import perturbed_finetune, random_ids
 from hf_freeze import get_layout
 from hf_freeze.serving import DynamicBatcher, GenerationRequest, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving.generation import RowSampler
 from hf_freeze.serving.scheduler import GenerationScheduler
 
 CAUSAL = [f for f in CONFIGS if (f, "causal") not in UNSUPPORTED]
@@ -184,7 +185,7 @@ def _events(response) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
+def test_the_stream_sends_the_tokens_of_the_non_streamed_result(monkeypatch):
     engine, models = _engine("llama", boundaries=(2,))
     body = {"inputs": random_ids(1, seed=12)[0], "model": "k2", "parameters": {"max_new_tokens": 9}}
     with serve_in_thread(create_app(engine, max_wait_ms=1)) as url:
@@ -193,8 +194,13 @@ def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
             events = _events(response)
         refused = httpx.post(f"{url}/generate_stream", json={**body, "inputs": [[5, 6], [7, 8]]}, timeout=60)
-        bad = {**body, "parameters": {"do_sample": True, "seed": 2**70}}  # fails in sampling, after validation
-        with httpx.stream("POST", f"{url}/generate_stream", json=bad, timeout=60) as response:
+        assert httpx.post(f"{url}/generate_stream", json={**body, "parameters": {"seed": 2**70}}).status_code == 422
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("secret internal detail")
+
+        monkeypatch.setattr(RowSampler, "__call__", failing)  # sampling fails after the stream has started
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
             failed = _events(response)
     assert [e["token"]["id"] for e in events] == whole["token_ids"]
     assert whole["token_ids"] == _own_generate(models["k2"], GenerationRequest(body["inputs"], max_new_tokens=9))
@@ -204,6 +210,7 @@ def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
     assert all(isinstance(e["token"]["logprob"], float) and e["token"]["logprob"] <= 0 for e in events)
     assert refused.status_code == 422 and "one input" in refused.json()["error"]
     assert len(failed) == 1 and failed[0]["error_type"] == "generation" and failed[0]["error"]
+    assert "secret" not in failed[0]["error"]  # internals stay in the server's log
 
 
 def test_a_client_that_leaves_the_stream_stops_its_row():

@@ -124,9 +124,9 @@ def _own_greedy(model, ids, max_new_tokens):
 
 @pytest.mark.parametrize("bad", [{"seed": 2**70, "do_sample": True}, {"temperature": 1e-300, "do_sample": True}],
                          ids=["seed", "temperature"])
-def test_an_input_that_fails_its_batch_fails_alone(bad, monkeypatch):
-    """An input that crashes the engine (here: parameters that validation used to let through) gets the error; the
-    other inputs of its batch are answered again one by one and get their own model's answers."""
+def test_a_generation_input_that_fails_fails_alone(bad, monkeypatch):
+    """A generation input that crashes decoding (here: parameters that validation used to let through) gets the
+    error; the other inputs admitted with it get their own model's answers (the scheduler isolates its rows)."""
     base = tiny_model("llama", "causal").eval()
     finetune = perturbed_finetune("llama", "causal", 2, seed=2, base=base)
     engine = ServingEngine(base)
@@ -139,7 +139,7 @@ def test_an_input_that_fails_its_batch_fails_alone(bad, monkeypatch):
     requests = good[:3] + [GenerationRequest([5, 6, 7], max_new_tokens=4, **bad)] + good[3:]
     batches = []
     batcher = DynamicBatcher(engine, max_wait_ms=50, on_batch=lambda task, n, tokens: batches.append(n))
-    futures = batcher.submit("generate", requests)  # queued before the worker starts: one batch
+    futures = batcher.submit("generate", requests)  # queued before the worker starts: admitted together
     batcher.start()
     with pytest.raises(Exception):  # noqa: B017 (whatever the engine raised, it reaches this client only)
         futures[3].result(timeout=60)
@@ -149,7 +149,7 @@ def test_an_input_that_fails_its_batch_fails_alone(bad, monkeypatch):
     for request, answer in zip(good, answers, strict=True):
         model = finetune if request.model == "k2" else base
         assert answer.token_ids == _own_greedy(model, list(request.input_ids), 4)
-    assert batches == [1] * 6  # the batch failed (no hook call), then each good input ran alone
+    assert batches == [7]  # all seven were admitted to one running batch
 
 
 def test_a_classifier_batch_with_an_input_the_engine_cannot_take_answers_the_others(monkeypatch):

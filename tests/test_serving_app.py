@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
@@ -206,13 +207,18 @@ def _bad_requests(classifier: str, generator: str) -> list[tuple[str, str, str, 
                                                                                       "temperature": 1e-300}}},
          422, "validation"),
         (generator, "POST", "/generate", {"json": {"inputs": [5] * 5000}}, 422, "validation"),
+        (generator, "POST", "/generate_stream", {"json": {"inputs": [5, 6], "parameters": {"seed": 2**70}}},
+         422, "validation"),
+        (generator, "POST", "/generate_stream", {"json": {"inputs": [[5, 6], [7, 8]]}}, 422, "validation"),
+        (generator, "POST", "/generate_stream", {"json": {"inputs": [5, 6], "model": "nope"}}, 404, "unknown_model"),
     ]
 
 
 def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generation_server):
-    """2,000 requests from 32 concurrent clients on two servers: 5 in 8 good /predict, 1 in 8 good /generate, 1 in
-    4 bad (each kind above in turn). Every good one gets its model's own answer, every bad one its 4xx with the
-    error body; the servers stay up, the cache within its budget, and the process's memory bounded."""
+    """2,000 requests from 32 concurrent clients on two servers: 5 in 8 good /predict, 1 in 8 good generations
+    (/generate and /generate_stream in turn, continuously batched), 1 in 4 bad (each kind above in turn). Every
+    good one gets its model's own answer (a stream: its events' tokens), every bad one its 4xx with the error body;
+    the servers stay up, the cache within its budget, and the process's memory bounded."""
     url, engine, models = classifier_server
     gen_url, _, gen_models = generation_server
     inputs, prompts = random_ids(40, 11), random_ids(8, 31)
@@ -227,7 +233,7 @@ def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generatio
         if kind < 5:
             return "predict", (names[r % 3], (r * 7) % len(inputs))
         if kind == 5:
-            return "generate", (["k2", "base"][r // 8 % 2], r // 16 % len(prompts))
+            return ["generate", "stream"][r // 8 % 4 // 2], (["k2", "base"][r // 8 % 2], r // 32 % len(prompts))
         return "bad", bad[(r // 8 * 2 + kind - 6) % len(bad)]
 
     answers: dict[int, httpx.Response] = {}
@@ -237,9 +243,10 @@ def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generatio
             kind, what = plan(r)
             if kind == "predict":
                 answers[r] = await http.post(f"{url}/predict", json={"inputs": inputs[what[1]], "model": what[0]})
-            elif kind == "generate":
+            elif kind in ("generate", "stream"):
                 body = {"inputs": prompts[what[1]], "model": what[0], "parameters": {"max_new_tokens": 4}}
-                answers[r] = await http.post(f"{gen_url}/generate", json=body)
+                route = "/generate" if kind == "generate" else "/generate_stream"
+                answers[r] = await http.post(f"{gen_url}{route}", json=body)
             else:
                 base_url, method, path, kwargs, _, _ = what
                 answers[r] = await http.request(method, f"{base_url}{path}", **kwargs)
@@ -265,8 +272,13 @@ def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generatio
             labels = response.json()
             got = torch.tensor([x["score"] for x in sorted(labels, key=lambda x: x["label"])])
             torch.testing.assert_close(got, expected[what], rtol=TOL, atol=TOL)
-        else:
+        elif kind == "generate":
             assert response.json()["token_ids"] == expected_tokens[what]
+        else:
+            events = [json.loads(line[len("data: "):]) for line in response.text.splitlines()
+                      if line.startswith("data: ")]
+            assert [e["token"]["id"] for e in events] == expected_tokens[what]
+            assert events[-1]["details"]["generated_tokens"] == len(events)
     assert elapsed < 60, f"{total} requests took {elapsed:.1f} s"
     assert growth < 200 * 2**20, f"the process grew by {growth / 2**20:.0f} MiB"
     assert all(httpx.get(f"{u}/health").status_code == 200 for u in (url, gen_url))

@@ -17,7 +17,7 @@ Generation `parameters` (`schemas.GenerateParameters`): `max_new_tokens`, `do_sa
 `top_p`, `seed`, `stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
 Everything else (repetition penalty, n-gram blocking, min length, EOS ids, and the length when `max_new_tokens` is
 absent) follows the model's own `generation_config`. Generation is continuously batched (`scheduler.py`).
-`/generate_stream` sends text-generation-inference's events (`schemas.StreamEvent`):
+`/generate_stream` sends text-generation-inference's events (`schemas.StreamEvent`, in the OpenAPI schema):
 `data: {"index", "token": {"id", "text", "logprob", "special"}, "generated_text": null, "details": null}` per token,
 the last one with `generated_text` and `details`; an error after the stream has started is an event
 `data: {"error", "error_type"}`. A client that disconnects from either route stops its rows at the next decoding
@@ -45,16 +45,17 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
@@ -78,6 +79,9 @@ logger = logging.getLogger(__name__)
 _ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate",
                 "/generate_stream": "generate"}
 _ERRORS = {status: {"model": schemas.ErrorBody} for status in (404, 413, 415, 422, 424, 429, 500, 503)}
+# /generate_stream answers events, but its errors in JSON (a `model` would document them as events)
+_STREAM_ERRORS = {status: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                  for status in _ERRORS}
 
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
@@ -251,8 +255,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
 
         return await _json_answer(answer)
 
-    @app.post("/generate_stream", response_class=StreamingResponse, responses={**_ERRORS, 200: _STREAM})
-    async def generate_stream(body: schemas.GenerateBody) -> StreamingResponse:
+    async def start_stream(body: schemas.GenerateBody) -> tuple[Future, asyncio.Queue]:
+        """Validate and queue the one input of a /generate_stream body: its future and the queue its tokens arrive
+        on (`None` once it is done). A dependency, so it runs before the response starts: a bad body gets its 4xx."""
         requests, single = await generation_requests(body)
         if not single:
             raise ServingError("/generate_stream takes one input; send a list to /generate instead.")
@@ -264,7 +269,15 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
 
         future = (await submit("generate", requests, on_token))[0]
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
-        return StreamingResponse(_token_events(events, future, tokenizer), media_type="text/event-stream")
+        return future, events
+
+    @app.post("/generate_stream", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
+    async def generate_stream(stream: tuple[Future, asyncio.Queue] = Depends(start_stream)  # noqa: B008
+                              ) -> AsyncIterator[schemas.StreamEvent | schemas.ErrorBody]:
+        """Server-sent events, one per new token (text-generation-inference's shape); the last one carries
+        `generated_text` and `details`. An error after the stream started is one `ErrorBody` event."""
+        async for event in _token_events(*stream, tokenizer):
+            yield event
 
     @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.ErrorBody}})
     async def health() -> Response:
@@ -332,9 +345,9 @@ async def _cancel_on_disconnect(client: HttpRequest, futures: list[Any]) -> None
         future.cancel()
 
 
-async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
-    """Server-sent events of one streamed generation (text-generation-inference's shape, `schemas.StreamEvent`);
-    closing the stream (the client went away) cancels the future, which stops the row at the next decoding step."""
+async def _token_events(future: Future, events: asyncio.Queue, tokenizer: Any) -> AsyncIterator[dict[str, Any]]:
+    """The events of one streamed generation (`schemas.StreamEvent`, or an `ErrorBody`); closing the stream (the
+    client went away) cancels the future, which stops the row at the next decoding step."""
     generated: list[int] = []
     text = ""
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
@@ -343,7 +356,7 @@ async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
             event = await events.get()
             if event is None:  # the future is done; its tokens were all sent before this
                 if not future.cancelled() and future.exception() is not None:
-                    yield f"data: {json.dumps(_stream_error(future.exception()))}\n\n"
+                    yield _stream_error(future.exception())
                 return
             token, logprob, result = event
             generated.append(token)
@@ -359,7 +372,7 @@ async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
                                              if tokenizer is not None else None)
                 payload["details"] = {"finish_reason": result.finish_reason,
                                       "generated_tokens": len(result.token_ids)}
-            yield f"data: {json.dumps(payload)}\n\n"
+            yield payload
     finally:
         future.cancel()
 
@@ -373,10 +386,6 @@ def _stream_error(error: BaseException) -> dict[str, str]:
     return {"error": "Generation failed; the server's log has the details.", "error_type": "generation"}
 
 
-_STREAM = {"description": "Server-sent events, one per new token (`data: <StreamEvent JSON>`), the last one with "
-                          "`generated_text` and `details`; an error after the start is one event "
-                          "`data: <ErrorBody JSON>`.",
-           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
 _CLIENT_CLOSED = {"model": schemas.ErrorBody, "description": "The client left before its answer; its rows were "
                                                               "cancelled (no one reads this answer)."}
 

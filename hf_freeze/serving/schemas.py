@@ -110,6 +110,22 @@ class Generated(BaseModel):
     details: GenerationDetails
 
 
+class StreamToken(BaseModel):
+    id: int
+    text: str | None = Field(description="the text this token adds (null when the server has no tokenizer)")
+    logprob: float = Field(description="its log-probability under the distribution it was chosen from")
+    special: bool = Field(description="whether it is one of the tokenizer's special tokens")
+
+
+class StreamEvent(BaseModel):
+    """One `data:` event of `POST /generate_stream` (text-generation-inference's shape)."""
+
+    index: int = Field(description="the token's position among the new tokens, from 1")
+    token: StreamToken
+    generated_text: str | None = Field(description="on the last event: all new tokens decoded; else null")
+    details: GenerationDetails | None = Field(description="on the last event; else null")
+
+
 PredictResponse = list[Label] | list[list[Label]]
 EmbedResponse = list[list[float]]
 ScoreResponse = Scored | list[Scored]

@@ -55,14 +55,19 @@ def classifier_server():
         yield url, engine, models
 
 
-@pytest.fixture(scope="module")
-def decoder_server():
+def _decoder_server(**limits):
+    """A server of a decoder base and a fine-tune of it: (url, engine, models)."""
     base = tiny_model("llama", "causal").eval()
     models = {"base": base, "k2": perturbed_finetune("llama", "causal", 2, seed=2, base=base)}
     engine = ServingEngine(base)
     engine.add_model("k2", models["k2"])
-    with serve_in_thread(create_app(engine, max_wait_ms=2, max_queue=1)) as url:
+    with serve_in_thread(create_app(engine, **limits)) as url:
         yield url, engine, models
+
+
+@pytest.fixture(scope="module")
+def decoder_server():
+    yield from _decoder_server(max_wait_ms=2, max_queue=1)
 
 
 @torch.no_grad()
@@ -419,13 +424,8 @@ def test_an_empty_text_is_refused_whatever_the_tokenizer_adds(name):
 
 @pytest.fixture(scope="module")
 def generation_server():
-    """A decoder base and a fine-tune; batches wait 50 ms so that concurrent requests share them."""
-    base = tiny_model("llama", "causal").eval()
-    models = {"base": base, "k2": perturbed_finetune("llama", "causal", 2, seed=2, base=base)}
-    engine = ServingEngine(base)
-    engine.add_model("k2", models["k2"])
-    with serve_in_thread(create_app(engine, max_wait_ms=50)) as url:
-        yield url, engine, models
+    """The decoder server; batches wait 50 ms so that concurrent requests share them."""
+    yield from _decoder_server(max_wait_ms=50)
 
 
 def _greedy(model, ids, max_new_tokens):

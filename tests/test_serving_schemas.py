@@ -114,8 +114,13 @@ def test_every_error_has_the_error_body(fuzz_server):
     assert "beams" in _error(httpx.post(f"{url}/generate", json={"inputs": [5], "parameters": {"beams": 2}}), 422,
                              "validation")
     assert "model" in _error(httpx.post(f"{url}/score", json={"inputs": [5, 6], "model": 3}), 422, "validation")
-    seed = httpx.get(f"{url}/openapi.json").json()["components"]["schemas"]["GenerateParameters"]["properties"]["seed"]
+    openapi = httpx.get(f"{url}/openapi.json").json()
+    seed = openapi["components"]["schemas"]["GenerateParameters"]["properties"]["seed"]
     assert seed["anyOf"][0]["minimum"] == 0 and seed["anyOf"][0]["maximum"] == float(2**64 - 1)  # bounds published
+    stream = openapi["paths"]["/generate_stream"]["post"]["responses"]
+    event = stream["200"]["content"]["text/event-stream"]["itemSchema"]["properties"]["data"]["contentSchema"]
+    assert {"$ref": "#/components/schemas/StreamEvent"} in event["anyOf"]  # each event's data is a StreamEvent
+    assert "application/json" in stream["422"]["content"]  # a refused stream is a JSON error, before any event
     assert httpx.get(f"{url}/docs").status_code == 200
 
 

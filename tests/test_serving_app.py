@@ -257,7 +257,9 @@ def test_loopback_load_mixing_good_and_bad_requests(classifier_server, generatio
                 answers[r] = await http.request(method, f"{base_url}{path}", **kwargs)
 
     async def load() -> None:
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2 * clients), timeout=60) as http:
+        # connections idle for 1 s are not reused: never one that uvicorn is closing (its keep-alive is 5 s)
+        limits = httpx.Limits(max_connections=2 * clients, keepalive_expiry=1)
+        async with httpx.AsyncClient(limits=limits, timeout=60) as http:
             await asyncio.gather(*(client(w, http) for w in range(clients)))
 
     process = psutil.Process()

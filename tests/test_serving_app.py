@@ -149,6 +149,8 @@ def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(classifier_serv
     assert cut.status_code == 200, cut.text  # the prompt's last positions - 3 tokens, ending in 5, 6
     same = {"inputs": [7] * (positions - 5) + [5, 6], "parameters": {"max_new_tokens": 3}}
     assert cut.json()["token_ids"] == httpx.post(f"{dec_url}/generate", json=same).json()["token_ids"]
+    cut = httpx.post(f"{dec_url}/generate", json={"inputs": long_prompt["inputs"], "truncate": True})
+    assert cut.status_code == 200 and len(cut.json()["token_ids"]) == 1  # no max_new_tokens: room for one is left
     _error(httpx.post(f"{dec_url}/generate", json={"inputs": [5, 6], "parameters": {"beams": 2}}), 422,
            "validation")
     for bad in ({"temperature": "hot", "do_sample": True}, {"top_p": 2.0, "do_sample": True}, {"seed": 1.5},

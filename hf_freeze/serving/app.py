@@ -205,7 +205,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     async def generation_requests(body: schemas.GenerateBody) -> tuple[list[GenerationRequest], bool]:
         """One `GenerationRequest` per input of a /generate or /generate_stream body, and whether it sent one."""
         params = (body.parameters or schemas.GenerateParameters()).model_dump()
-        served, ids, single = await parse(body, "generate", params["max_new_tokens"] or 0)
+        # a truncated prompt leaves room for its new tokens (without `max_new_tokens`: one at least)
+        served, ids, single = await parse(body, "generate", params["max_new_tokens"] or 1)
         return [GenerationRequest(i, model=served.name, **params) for i in ids], single
 
     @app.post("/predict", response_model=schemas.PredictResponse, responses=_ERRORS)

@@ -385,3 +385,32 @@ def test_a_bfloat16_trained_suffix_is_served_in_bfloat16_and_refused_in_float32_
         torch.testing.assert_close(scores, expected, rtol=3e-2, atol=3e-2)
     with pytest.raises(BaseMismatchServingError, match="in float32.*dtype"):
         ServingEngine.from_pretrained(tmp_path / "base", {"ft": tmp_path / "suffix"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_input_of_the_usable_positions_runs_and_one_more_is_refused(family):
+    """RoBERTa and MPNet number positions from padding_idx + 1: two fewer tokens fit than their configs' positions."""
+    engine, models = _engine(family, "seq", boundaries=(2,))
+    limit = engine.models["k2"].max_input_tokens
+    positions = models[None].config.max_position_embeddings
+    assert limit == (positions - 2 if family in ("roberta", "mpnet") else positions)
+    ids = random_ids(1, 3, min_len=limit, max_len=limit)[0]
+    if limit <= 2048:  # Qwen2's 32,768 positions are too slow to fill here
+        logits = engine.predict([Request(ids, model="k2")])[0]
+        torch.testing.assert_close(logits, _own(models["k2"], ids).logits[0], rtol=TOL, atol=TOL)
+    with pytest.raises(ValueError, match=f"exceeds the {limit} positions"):
+        engine.predict([Request(ids + [5], model="k2")])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_decoder_classifier_without_a_pad_token_batches_like_it_runs_alone(family):
+    engine, models = _engine(family, "seq", boundaries=(2,))
+    served = [m.model for m in engine.models.values()]  # the engine's own copies
+    for model in [*models.values(), *served]:
+        model.config.pad_token_id = None  # as GPT-2 and Llama checkpoints ship
+    requests = _mixed(models, count=8, seed=4)  # rows of different lengths: right padding in every forward
+    answers = engine.predict(requests)
+    for request, logits in zip(requests, answers, strict=True):
+        torch.testing.assert_close(logits, _own(models[request.model], request.input_ids).logits[0], rtol=TOL,
+                                   atol=TOL)
+    assert all(m.config.pad_token_id is None for m in served)  # the configs are left as they were

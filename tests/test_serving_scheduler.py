@@ -19,6 +19,7 @@ from serving_helpers import perturbed_finetune, random_ids
 from hf_freeze import get_layout
 from hf_freeze.serving import DynamicBatcher, GenerationRequest, Request, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving.generation import DecodeBatch, RowSampler
 from hf_freeze.serving.scheduler import GenerationScheduler
 
 CAUSAL = [f for f in CONFIGS if (f, "causal") not in UNSUPPORTED]
@@ -139,12 +140,42 @@ def test_a_row_whose_sampling_raises_fails_alone():
     bad = [GenerationRequest([5, 6], model="k2", max_new_tokens=5, do_sample=True, seed=2**70),  # generator
            GenerationRequest([5, 6], model="k2", max_new_tokens=5, do_sample=True, temperature=1e-300)]  # inf/nan
     scheduler = GenerationScheduler(engine)
-    futures = [scheduler.submit(r) for r in [good[0], bad[0], good[1], bad[1], good[2]]]
+    with pytest.raises(ValueError, match="seed"):
+        scheduler.submit(bad[0])  # refused up front today: submitted below as if validation had missed them
+    futures = [scheduler.submit(r, validated=True) for r in [good[0], bad[0], good[1], bad[1], good[2]]]
     while scheduler.busy:
         scheduler.step()
     assert futures[1].exception() is not None and futures[3].exception() is not None
     for future, request in zip([futures[0], futures[2], futures[4]], good):
         assert future.result().token_ids == _own_generate(models["k2"], request)
+
+
+def test_a_row_whose_prefill_raises_fails_alone(monkeypatch):
+    """A prefill that raises is retried row by row: the row that fails gets the error, the rows prefilled with it
+    decode like their own generate, alongside rows that were already running."""
+    engine, models = _engine("llama", boundaries=(2,))
+    poison = [9, 9, 9]
+    prefill = DecodeBatch.forward
+
+    def forward(batch):
+        if batch.mask.shape[1] == 0 and any(list(r.request.input_ids) == poison for r in batch.sequences):
+            raise RuntimeError("this row cannot be prefilled")
+        return prefill(batch)
+
+    monkeypatch.setattr(DecodeBatch, "forward", forward)
+    names = ["k2", None]
+    good = [GenerationRequest(ids, model=names[i % 2], max_new_tokens=6) for i, ids in enumerate(random_ids(5, 3))]
+    scheduler = GenerationScheduler(engine)
+    futures = [scheduler.submit(good[0])]
+    scheduler.step()  # one row running before the others join
+    futures += [scheduler.submit(r) for r in [good[1], good[2], GenerationRequest(poison, max_new_tokens=6),
+                                              good[3], good[4]]]
+    while scheduler.busy:
+        scheduler.step()
+    with pytest.raises(RuntimeError, match="cannot be prefilled"):
+        futures[3].result()
+    for future, request in zip(futures[:3] + futures[4:], good, strict=True):
+        assert future.result().token_ids == _own_generate(models[request.model], request)
 
 
 def test_a_short_request_waits_about_one_decoding_step_behind_a_long_generation():
@@ -184,7 +215,7 @@ def _events(response) -> list[dict]:
     return [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
+def test_the_stream_sends_the_tokens_of_the_non_streamed_result(monkeypatch):
     engine, models = _engine("llama", boundaries=(2,))
     body = {"inputs": random_ids(1, seed=12)[0], "model": "k2", "parameters": {"max_new_tokens": 9}}
     with serve_in_thread(create_app(engine, max_wait_ms=1)) as url:
@@ -193,8 +224,13 @@ def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
             events = _events(response)
         refused = httpx.post(f"{url}/generate_stream", json={**body, "inputs": [[5, 6], [7, 8]]}, timeout=60)
-        bad = {**body, "parameters": {"do_sample": True, "seed": 2**70}}  # fails in sampling, after validation
-        with httpx.stream("POST", f"{url}/generate_stream", json=bad, timeout=60) as response:
+        assert httpx.post(f"{url}/generate_stream", json={**body, "parameters": {"seed": 2**70}}).status_code == 422
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("secret internal detail")
+
+        monkeypatch.setattr(RowSampler, "__call__", failing)  # sampling fails after the stream has started
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
             failed = _events(response)
     assert [e["token"]["id"] for e in events] == whole["token_ids"]
     assert whole["token_ids"] == _own_generate(models["k2"], GenerationRequest(body["inputs"], max_new_tokens=9))
@@ -204,6 +240,7 @@ def test_the_stream_sends_the_tokens_of_the_non_streamed_result():
     assert all(isinstance(e["token"]["logprob"], float) and e["token"]["logprob"] <= 0 for e in events)
     assert refused.status_code == 422 and "one input" in refused.json()["error"]
     assert len(failed) == 1 and failed[0]["error_type"] == "generation" and failed[0]["error"]
+    assert "secret" not in failed[0]["error"]  # internals stay in the server's log
 
 
 def test_a_client_that_leaves_the_stream_stops_its_row():

@@ -1,32 +1,39 @@
 """HTTP routes (FastAPI) over a `ServingEngine` and its `DynamicBatcher`, in the style of Hugging Face's inference
-servers (text-embeddings-inference, text-generation-inference).
+servers (text-embeddings-inference, text-generation-inference). Bodies are the pydantic models of `schemas.py`
+(OpenAPI at `/openapi.json`, docs at `/docs`).
 
 | route | body | answer |
 |---|---|---|
 | `POST /predict` | `{inputs, model?, raw_scores?, truncate?}` | `[{label, score}]` per input, best first |
 | `POST /embed` | `{inputs, model?, normalize?, truncate?}` | `[[float]]`, one vector per input |
-| `POST /score` | `{inputs, model?}` | `[{token_ids, logprobs}]`: log-likelihood of each token after the first |
-| `POST /generate` | `{inputs, model?, parameters}` (below) | `{generated_text, token_ids, details}` |
-| `POST /generate_stream` | `{inputs, model?, parameters}`, one input | server-sent events, one per token (below) |
+| `POST /score` | `{inputs, model?, truncate?}` | `[{token_ids, logprobs}]`: log-likelihoods of tokens 2.. |
+| `POST /generate` | `{inputs, model?, parameters?, truncate?}` (below) | `{generated_text, token_ids, details}` |
+| `POST /generate_stream` | the same, one input | server-sent events, one per token (below) |
 | `GET /health` | | 200, or 503 when the batcher is down |
 | `GET /info` | | base, fingerprint, models (boundary, tasks, labels), limits |
 | `GET /metrics` | | Prometheus text |
 
-Generation `parameters`: `max_new_tokens`, `do_sample`, `temperature`, `top_k`, `top_p`, `seed`,
-`stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`. Everything else
-(repetition penalty, n-gram blocking, min length, EOS ids, and the length when `max_new_tokens` is absent) follows
-the model's own `generation_config`. `/generate_stream` sends text-generation-inference's events:
+Generation `parameters` (`schemas.GenerateParameters`): `max_new_tokens`, `do_sample`, `temperature`, `top_k`,
+`top_p`, `seed`, `stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
+Everything else (repetition penalty, n-gram blocking, min length, EOS ids, and the length when `max_new_tokens` is
+absent) follows the model's own `generation_config`. Generation is continuously batched (`scheduler.py`).
+`/generate_stream` sends text-generation-inference's events (`schemas.StreamEvent`, in the OpenAPI schema):
 `data: {"index", "token": {"id", "text", "logprob", "special"}, "generated_text": null, "details": null}` per token,
-the last one with `generated_text` and `details`; an error mid-stream is an event `data: {"error", "error_type"}`.
-A client that disconnects stops its row at the next decoding step.
+the last one with `generated_text` and `details`; an error after the stream has started is an event
+`data: {"error", "error_type"}`. A client that disconnects from either route stops its rows at the next decoding
+step.
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
-means the base. `truncate: true` cuts an input to the model's positions: its first tokens, or for `/generate` its
-last ones, leaving room for `max_new_tokens`.
+means the base. `truncate: true` cuts an input to the model's positions: its first tokens (the end is cut, as
+text-embeddings-inference does; a tokenizer's closing special tokens are kept), or for `/generate` its last ones
+(the start is cut, as text-generation-inference does), leaving room for `max_new_tokens`.
 
-Errors are JSON `{error, error_type}`: 404 unknown model, 413 body or client batch too large, 422 malformed JSON or
-bad input (too long without `truncate`), 424 wrong task for the model, 429 overloaded, 499 the client left
-`/generate` before its answer (its rows were cancelled), 503 batcher not running.
+Every 4xx and 5xx is JSON `{error, error_type}` (`schemas.ErrorBody`): 404 unknown model or route, 405 wrong
+method, 413 body or client batch too large, 415 a body that is not JSON, 422 malformed JSON or bad input, 424
+wrong task for the model, 429 overloaded, 499 the client left `/generate` before its answer (its rows were
+cancelled; counted in `/metrics`), 500 internal (logged; the body says no more), 503 batcher not running.
+Reading the body is bounded in bytes; parsing and validating it, tokenizing and writing the answer run in worker
+threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -34,18 +41,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 
+from . import schemas
 from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
 from .requests import (
@@ -57,9 +73,15 @@ from .requests import (
     ServingError,
     UnavailableError,
 )
+from .scheduler import TokenCallback
 
+logger = logging.getLogger(__name__)
 _ROUTE_TASKS = {"/predict": "predict", "/embed": "embed", "/score": "score", "/generate": "generate",
                 "/generate_stream": "generate"}
+_ERRORS = {status: {"model": schemas.ErrorBody} for status in (404, 413, 415, 422, 424, 429, 500, 503)}
+# /generate_stream answers events, but its errors in JSON (a `model` would document them as events)
+_STREAM_ERRORS = {status: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                  for status in _ERRORS}
 
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
@@ -109,79 +131,55 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         yield
         batcher.stop()
 
-    app = FastAPI(title="hf_freeze serving", lifespan=lifespan)
+    app = FastAPI(title="hf_freeze serving", lifespan=lifespan, strict_content_type=False)
+    app.router.route_class = _json_route(max_body_bytes)
     app.state.engine, app.state.batcher = engine, batcher
-
-    @app.exception_handler(ServingError)
-    async def serving_error(request: HttpRequest, error: ServingError) -> JSONResponse:
-        return JSONResponse({"error": str(error), "error_type": error.error_type}, status_code=error.status)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: HttpRequest, error: Exception) -> JSONResponse:
-        return JSONResponse({"error": f"{type(error).__name__}: {error}", "error_type": "internal"}, status_code=500)
+    _add_error_handlers(app)
 
     @app.middleware("http")
     async def measure(request: HttpRequest, call_next):
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered (and counted) here: the app's own 500 handler runs outside this middleware
+            logger.exception("Internal error on %s %s", request.method, request.url.path)
+            response = _internal_error()
         route = request.url.path if request.url.path in (*_ROUTE_TASKS, "/health", "/info", "/metrics") else "other"
         requests_total.labels(route, str(response.status_code)).inc()
         latency.labels(route).observe(time.perf_counter() - started)
         return response
 
-    async def body_of(request: HttpRequest) -> dict[str, Any]:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-            raise PayloadTooLargeError(f"The request body has {declared} bytes; at most {max_body_bytes} allowed.")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw.extend(chunk)
-            if len(raw) > max_body_bytes:
-                raise PayloadTooLargeError(f"The request body exceeds {max_body_bytes} bytes.")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ServingError(f"Malformed JSON body: {error}. Send a JSON object such as "
-                               '{"inputs": "some text"}.') from error
-        if not isinstance(body, dict) or "inputs" not in body:
-            raise ServingError('The body must be a JSON object with "inputs" (a string, token ids, or a list).')
-        return body
-
-    def token_lists(body: dict[str, Any], served_limit: int | None, keep_last: bool = False
+    def token_lists(inputs: Any, truncate: bool, served_limit: int | None, keep_last: bool = False
                     ) -> tuple[list[list[int]], bool]:
         """The inputs as token-id lists (with `truncate`, cut to `served_limit`: the first tokens, or the last ones
-        with `keep_last`), and whether the request sent a single input."""
-        inputs = body["inputs"]
-        single = isinstance(inputs, str) or (isinstance(inputs, list) and all(_is_int(t) for t in inputs)
-                                             and len(inputs) > 0)
+        with `keep_last`), and whether the request sent a single input. Runs in a worker thread."""
+        single = isinstance(inputs, str) or (bool(inputs) and isinstance(inputs[0], int))
         items = [inputs] if single else inputs
-        if not isinstance(items, list) or not items:
-            raise ServingError('"inputs" must be a string, a list of token ids, or a non-empty list of those.')
         if len(items) > max_client_batch_size:
             raise PayloadTooLargeError(f"{len(items)} inputs in one request; at most {max_client_batch_size}. "
                                        "Split the request.")
-        truncate = _flag(body, "truncate", False)
         out = []
         for item in items:
             if isinstance(item, str):
-                if tokenizer is None:
-                    raise ServingError("This server has no tokenizer: send token ids instead of text.")
-                ids = tokenizer(item)["input_ids"]
-            elif isinstance(item, list) and all(_is_int(t) for t in item):
-                ids = [int(t) for t in item]
+                ids = _encode(tokenizer, item, served_limit if truncate else None, keep_last)
             else:
-                raise ServingError(f"Each input must be a string or a list of token ids, got {type(item).__name__}.")
-            if truncate and served_limit and len(ids) > served_limit:
-                ids = ids[-served_limit:] if keep_last else ids[:served_limit]
+                ids = list(item)
+                if truncate and served_limit and len(ids) > served_limit:
+                    ids = ids[-served_limit:] if keep_last else ids[:served_limit]
             out.append(ids)
         return out, single
 
-    async def run(task: str, requests: list[Request], client: HttpRequest | None = None) -> list[Any]:
-        """The engine's answers; with `client`, its inputs are cancelled when that client disconnects."""
+    async def submit(task: str, requests: list[Request], on_token: TokenCallback | None = None) -> list[Future]:
+        """The batcher's futures for `requests` (validated in a worker thread: validation reads every token id)."""
         if not batcher.alive:  # its futures would never be answered
             raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
-        futures = batcher.submit(task, requests)
+        futures = await run_in_threadpool(batcher.submit, task, requests, on_token)
         queued.set(batcher.queued)
+        return futures
+
+    async def run(task: str, requests: list[Request], client: HttpRequest | None = None) -> list[Any]:
+        """The engine's answers; with `client`, its inputs are cancelled when that client disconnects."""
+        futures = await submit(task, requests)
         answers = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         if client is None:
             return await answers
@@ -195,95 +193,100 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         finally:
             watcher.cancel()
 
-    async def parse(request: HttpRequest, task: str) -> tuple[dict[str, Any], ServedModel, list[list[int]], bool]:
-        """The body, the served model it names for `task`, its inputs as token ids, and whether it sent one."""
-        body = await body_of(request)
-        name = body.get("model")
-        if name is not None and not isinstance(name, str):
-            raise ServingError(f'"model" must be a string, got {type(name).__name__}.')
-        served = engine.model_for(name, task)
+    async def parse(body: Any, task: str, new_tokens: int = 0) -> tuple[ServedModel, list[list[int]], bool]:
+        """The served model `body` names for `task`, its inputs as token ids, and whether it sent one."""
+        served = engine.model_for(body.model, task)
         limit = served.max_input_tokens
-        if task == "generate" and limit:  # a prompt continues from its end, and leaves room for the new tokens
-            params = body.get("parameters")
-            new = params.get("max_new_tokens", GenerationRequest.max_new_tokens) if isinstance(params, dict) else 0
-            limit = limit - new if _is_int(new) and 0 < new < limit else limit
-        ids, single = token_lists(body, limit, keep_last=task == "generate")
-        return body, served, ids, single
+        if limit and 0 < new_tokens < limit:  # a prompt continues from its end, and leaves room for the new tokens
+            limit -= new_tokens
+        ids, single = await run_in_threadpool(token_lists, body.inputs, body.truncate, limit, task == "generate")
+        return served, ids, single
 
-    @app.post("/predict")
-    async def predict(request: HttpRequest) -> Any:
-        body, served, ids, single = await parse(request, "predict")
-        raw_scores = _flag(body, "raw_scores", False)
+    async def generation_requests(body: schemas.GenerateBody) -> tuple[list[GenerationRequest], bool]:
+        """One `GenerationRequest` per input of a /generate or /generate_stream body, and whether it sent one."""
+        params = (body.parameters or schemas.GenerateParameters()).model_dump()
+        # a truncated prompt leaves room for its new tokens (without `max_new_tokens`: one at least)
+        served, ids, single = await parse(body, "generate", params["max_new_tokens"] or 1)
+        return [GenerationRequest(i, model=served.name, **params) for i in ids], single
+
+    @app.post("/predict", response_model=schemas.PredictResponse, responses=_ERRORS)
+    async def predict(body: schemas.PredictBody) -> Response:
+        served, ids, single = await parse(body, "predict")
         logits = await run("predict", [Request(i, model=served.name) for i in ids])
         id2label = served.model.config.id2label
-        answers = []
-        for row in logits:
-            scores = row if raw_scores else row.softmax(-1)
-            order = scores.argsort(descending=True).tolist()
-            answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
-        return answers[0] if single else answers
 
-    @app.post("/embed")
-    async def embed(request: HttpRequest) -> Any:
-        body, served, ids, _ = await parse(request, "embed")
-        normalize = _flag(body, "normalize", True)
-        vectors = await run("embed", [EmbedRequest(i, model=served.name, normalize=normalize) for i in ids])
-        return [v.tolist() for v in vectors]
+        def answer() -> Any:
+            answers = []
+            for row in logits:
+                scores = row if body.raw_scores else row.softmax(-1)
+                order = scores.argsort(descending=True).tolist()
+                answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
+            return answers[0] if single else answers
 
-    @app.post("/score")
-    async def score(request: HttpRequest) -> Any:
-        body, served, ids, single = await parse(request, "score")
+        return await _json_answer(answer)
+
+    @app.post("/embed", response_model=schemas.EmbedResponse, responses=_ERRORS)
+    async def embed(body: schemas.EmbedBody) -> Response:
+        served, ids, _ = await parse(body, "embed")
+        vectors = await run("embed", [EmbedRequest(i, model=served.name, normalize=body.normalize) for i in ids])
+        return await _json_answer(lambda: [v.tolist() for v in vectors])
+
+    @app.post("/score", response_model=schemas.ScoreResponse, responses=_ERRORS)
+    async def score(body: schemas.ScoreBody) -> Response:
+        served, ids, single = await parse(body, "score")
         scores = await run("score", [Request(i, model=served.name) for i in ids])
-        answers = [{"token_ids": i, "logprobs": s.tolist()} for i, s in zip(ids, scores)]
-        return answers[0] if single else answers
 
-    @app.post("/generate")
-    async def generate(request: HttpRequest) -> Any:
-        body, served, ids, single = await parse(request, "generate")
-        params = body.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise ServingError('"parameters" must be a JSON object.')
-        unknown = set(params) - _GENERATION_PARAMETERS
-        if unknown:
-            raise ServingError(f"Unknown generation parameters {sorted(unknown)}; allowed: "
-                               f"{sorted(_GENERATION_PARAMETERS)}.")
-        try:
-            requests = [GenerationRequest(i, model=served.name, **params) for i in ids]
-        except TypeError as error:
-            raise ServingError(f"Bad generation parameters: {error}.") from error
+        def answer() -> Any:
+            answers = [{"token_ids": i, "logprobs": s.tolist()} for i, s in zip(ids, scores)]
+            return answers[0] if single else answers
+
+        return await _json_answer(answer)
+
+    @app.post("/generate", response_model=schemas.GenerateResponse, responses={**_ERRORS, 499: _CLIENT_CLOSED})
+    async def generate(body: schemas.GenerateBody, request: HttpRequest) -> Response:
+        requests, single = await generation_requests(body)
         results = await run("generate", requests, client=request)  # a client that leaves stops its rows
-        answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True) if tokenizer else None,
-                    "token_ids": r.token_ids,
-                    "details": {"finish_reason": r.finish_reason, "generated_tokens": len(r.token_ids)}}
-                   for r in results]
-        return answers[0] if single else answers
 
-    @app.post("/generate_stream")
-    async def generate_stream(request: HttpRequest) -> StreamingResponse:
-        body, served, ids, single = await parse(request, "generate")
+        def answer() -> Any:
+            answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                        if tokenizer else None, "token_ids": r.token_ids,
+                        "details": {"finish_reason": r.finish_reason, "generated_tokens": len(r.token_ids)}}
+                       for r in results]
+            return answers[0] if single else answers
+
+        return await _json_answer(answer)
+
+    async def start_stream(body: schemas.GenerateBody) -> tuple[Future, asyncio.Queue]:
+        """Validate and queue the one input of a /generate_stream body: its future and the queue its tokens arrive
+        on (`None` once it is done). A dependency, so it runs before the response starts: a bad body gets its 4xx."""
+        requests, single = await generation_requests(body)
         if not single:
             raise ServingError("/generate_stream takes one input; send a list to /generate instead.")
-        generation = _generation_request(body, served.name, ids[0])
-        if not batcher.alive:
-            raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def on_token(token: int, logprob: float, result: Any) -> None:  # called from the batcher's thread
             loop.call_soon_threadsafe(events.put_nowait, (token, logprob, result))
 
-        future = batcher.submit("generate", [generation], on_token=on_token)[0]
+        future = (await submit("generate", requests, on_token))[0]
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
-        queued.set(batcher.queued)
-        return StreamingResponse(_token_events(events, future, tokenizer), media_type="text/event-stream")
+        return future, events
 
-    @app.get("/health")
+    @app.post("/generate_stream", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
+    async def generate_stream(stream: tuple[Future, asyncio.Queue] = Depends(start_stream)  # noqa: B008
+                              ) -> AsyncIterator[schemas.StreamEvent | schemas.ErrorBody]:
+        """Server-sent events, one per new token (text-generation-inference's shape); the last one carries
+        `generated_text` and `details`. An error after the stream started is one `ErrorBody` event."""
+        async for event in _token_events(*stream, tokenizer):
+            yield event
+
+    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.ErrorBody}})
     async def health() -> Response:
         if batcher.alive:
             return JSONResponse({"status": "ok"})
-        return JSONResponse({"error": "The batcher is not running.", "error_type": "unhealthy"}, status_code=503)
+        return _error_response(503, "unhealthy", "The batcher is not running.")
 
-    @app.get("/info")
+    @app.get("/info", response_model=schemas.Info)
     async def info() -> dict[str, Any]:
         return {"base": engine.source or type(engine.base).__name__, "base_name": engine.base_name,
                 "fingerprint": engine.fingerprint, "num_blocks": engine.num_blocks,
@@ -291,7 +294,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
                 "share_prefix": engine.share_prefix, "cache_max_bytes": engine.cache.max_bytes,
                 "models": [m.describe() for m in engine.models.values()], "limits": limits}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         queued.set(batcher.queued)
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -343,8 +346,8 @@ async def _cancel_on_disconnect(client: HttpRequest, futures: list[Any]) -> None
         future.cancel()
 
 
-async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
-    """Server-sent events of one streamed generation (text-generation-inference's shape); closing the stream (the
+async def _token_events(future: Future, events: asyncio.Queue, tokenizer: Any) -> AsyncIterator[dict[str, Any]]:
+    """The events of one streamed generation (`schemas.StreamEvent`, or an `ErrorBody`); closing the stream (the
     client went away) cancels the future, which stops the row at the next decoding step."""
     generated: list[int] = []
     text = ""
@@ -354,9 +357,7 @@ async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
             event = await events.get()
             if event is None:  # the future is done; its tokens were all sent before this
                 if not future.cancelled() and future.exception() is not None:
-                    error = future.exception()
-                    kind = error.error_type if isinstance(error, ServingError) else "generation"
-                    yield f"data: {json.dumps({'error': str(error), 'error_type': kind})}\n\n"
+                    yield _stream_error(future.exception())
                 return
             token, logprob, result = event
             generated.append(token)
@@ -372,39 +373,146 @@ async def _token_events(events: asyncio.Queue, future: Any, tokenizer: Any):
                                              if tokenizer is not None else None)
                 payload["details"] = {"finish_reason": result.finish_reason,
                                       "generated_tokens": len(result.token_ids)}
-            yield f"data: {json.dumps(payload)}\n\n"
+            yield payload
     finally:
         future.cancel()
 
 
-def _generation_request(body: dict[str, Any], model: str, ids: list[int]) -> GenerationRequest:
-    """The `GenerationRequest` for one input of a generation body (its `parameters` checked by name)."""
-    params = body.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ServingError('"parameters" must be a JSON object.')
-    unknown = set(params) - _GENERATION_PARAMETERS
-    if unknown:
-        raise ServingError(f"Unknown generation parameters {sorted(unknown)}; allowed: "
-                           f"{sorted(_GENERATION_PARAMETERS)}.")
-    try:
-        return GenerationRequest(ids, model=model, **params)
-    except TypeError as error:
-        raise ServingError(f"Bad generation parameters: {error}.") from error
+def _stream_error(error: BaseException) -> dict[str, str]:
+    """The error event of a stream that failed after it started: a refusal says why; anything else is logged and
+    named without internals (as a 500 is)."""
+    if isinstance(error, ServingError):
+        return {"error": str(error), "error_type": error.error_type}
+    logger.error("A streamed generation failed", exc_info=error)
+    return {"error": "Generation failed; the server's log has the details.", "error_type": "generation"}
 
 
-_GENERATION_PARAMETERS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop_token_ids"}
+_CLIENT_CLOSED = {"model": schemas.ErrorBody, "description": "The client left before its answer; its rows were "
+                                                              "cancelled (no one reads this answer)."}
 
 
-def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
-    """A boolean option of the body; anything but true / false is refused (`bool("false")` would be true)."""
-    value = body.get(name, default)
-    if not isinstance(value, bool):
-        raise ServingError(f'"{name}" must be true or false, got {value!r}.')
-    return value
+def _encode(tokenizer: Any, text: str, limit: int | None, keep_last: bool) -> list[int]:
+    """`text`'s token ids (special tokens included); refused when it holds nothing but special tokens (an empty
+    string is `[CLS] [SEP]` for an encoder). With `limit`, cut to that many tokens: the first ones, keeping the
+    closing special tokens, or with `keep_last` the last ones, keeping the opening special tokens."""
+    if tokenizer is None:
+        raise ServingError("This server has no tokenizer: send token ids instead of text.")
+    encoding = tokenizer(text, return_special_tokens_mask=True)
+    ids, special = list(encoding["input_ids"]), list(encoding["special_tokens_mask"])
+    if all(special):
+        raise ServingError("An input text is empty (it has no tokens besides the special ones); send some text.")
+    if limit and len(ids) > limit:
+        if keep_last:
+            opening = next(i for i, s in enumerate(special) if not s)
+            ids = ids[:opening] + ids[len(ids) - (limit - opening):] if limit > opening else ids[-limit:]
+        else:
+            closing = next(i for i, s in enumerate(reversed(special)) if not s)
+            ids = ids[: limit - closing] + ids[len(ids) - closing:] if limit > closing else ids[:limit]
+    return ids
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+async def _json_answer(answer: Callable[[], Any]) -> Response:
+    """`answer()` built and written as JSON in a worker thread (a batch of vectors is megabytes of text)."""
+    return Response(await run_in_threadpool(lambda: json.dumps(answer()).encode()), media_type="application/json")
+
+
+def _error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None
+                    ) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def _internal_error() -> JSONResponse:
+    return _error_response(500, "internal", "Internal server error; the server's log has the details.")
+
+
+_HTTP_ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                     415: "unsupported_media_type", 422: "validation", 429: "overloaded", 503: "unhealthy"}
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """One error body for every 4xx and 5xx: FastAPI's and Starlette's own (`{detail}`) replaced."""
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: HttpRequest, error: ServingError) -> JSONResponse:
+        return _error_response(error.status, error.error_type, str(error))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HttpRequest, error: HTTPException) -> JSONResponse:
+        error_type = _HTTP_ERROR_TYPES.get(error.status_code, "internal" if error.status_code >= 500 else "http")
+        message = {404: f"No route {request.url.path}; see /docs.",
+                   405: f"{request.method} is not allowed on {request.url.path}; allowed: "
+                        f"{(error.headers or {}).get('Allow', 'see /docs')}."}.get(error.status_code, error.detail)
+        return _error_response(error.status_code, error_type, str(message), headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: HttpRequest, error: RequestValidationError) -> JSONResponse:
+        return _error_response(422, "validation", _describe(error.errors()))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: HttpRequest, error: Exception) -> JSONResponse:
+        return _internal_error()
+
+
+def _describe(errors: Any) -> str:
+    """pydantic's errors as one line: where and what, one error per field (never the input itself: it may be a
+    megabyte)."""
+    errors = list(errors)
+    invalid = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if invalid is not None:
+        reason = invalid.get("ctx", {}).get("error", "")
+        return f"Malformed JSON body: {reason}. Send a JSON object such as {{\"inputs\": \"some text\"}}."
+    by_field: dict[str, str] = {}
+    for e in errors:
+        # union members appear in `loc` under their type's name ("constrained-str"): keep field names and indices
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and (isinstance(x, int) or str(x).isidentifier())]
+        field = loc[0] if loc else "body"
+        if field == "inputs":
+            by_field[field] = ("inputs: must be a non-empty string, a non-empty list of token ids (ints >= 0), or a "
+                               "non-empty list of those")
+        else:
+            by_field.setdefault(field, f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
+    return "Invalid request body: " + "; ".join(by_field.values()) + ". See /docs for the schema."
+
+
+def _json_route(max_body_bytes: int) -> type[APIRoute]:
+    """Routes whose JSON body is read within `max_body_bytes` (413 beyond), then parsed and validated against
+    the route's pydantic model in a worker thread (pydantic's parser also bounds nesting depth)."""
+
+    class JsonRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+            annotation = getattr(getattr(self.body_field, "field_info", None), "annotation", None)
+            model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            if model is None:
+                return handler
+
+            async def bounded(request: HttpRequest) -> Response:
+                kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+                if kind != "application/json" and not kind.endswith("+json"):
+                    raise HTTPException(415, f"The body must be JSON (Content-Type: application/json), got {kind}.")
+                raw = await _read_body(request, max_body_bytes)
+                request._body = raw  # what FastAPI reads next
+                try:
+                    request._json = await run_in_threadpool(model.model_validate_json, raw)
+                except ValidationError as error:
+                    raise RequestValidationError(error.errors(include_input=False)) from None
+                return await handler(request)
+
+            return bounded
+
+    return JsonRoute
+
+
+async def _read_body(request: HttpRequest, max_body_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise PayloadTooLargeError(f"The request body has {declared} bytes; at most {max_body_bytes} allowed.")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw.extend(chunk)
+        if len(raw) > max_body_bytes:
+            raise PayloadTooLargeError(f"The request body exceeds {max_body_bytes} bytes.")
+    return bytes(raw)
 
 
 class _CacheCollector:

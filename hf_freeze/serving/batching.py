@@ -2,12 +2,15 @@
 
 One worker thread owns the engine. It takes the oldest waiting input, then keeps taking inputs until
 `max_wait_ms` has passed since it took the first one or the next input would exceed `max_batch_tokens`; the
-inputs of one batch are then run task by task (one engine call per task present). The queue is bounded: `submit`
-refuses inputs beyond `max_queue` (the server answers 429) rather than letting latency grow without limit.
+inputs of one batch are then run task by task (one engine call per task present). If an engine call raises, the
+batch's inputs are run again one by one, so that an input that still fails after validation fails its own request
+only. The queue is bounded: `submit` refuses inputs beyond `max_queue` (the server answers 429) rather than letting
+latency grow without limit.
 
 Generation inputs go to a `GenerationScheduler` (continuous batching): between two of its batches the worker runs
 one decoding step, and while generation runs it does not wait for a batch to fill, so other tasks wait at most
-about one decoding step behind a long generation.
+about one decoding step behind a long generation. The scheduler isolates its rows itself (a failing prefill is
+retried row by row, a failing row leaves the batch alone).
 """
 
 from __future__ import annotations
@@ -192,11 +195,7 @@ class DynamicBatcher:
             self._pending -= len(jobs)
         for job in jobs:
             self.scheduler.submit(job.request, future=job.future, on_token=job.on_token, validated=True)
-        if self.on_batch is not None:
-            try:
-                self.on_batch("generate", len(jobs), sum(job.tokens for job in jobs))
-            except Exception:
-                logger.exception("on_batch failed")
+        self._observe("generate", jobs)
 
     def _run(self, task: str, jobs: list[_Job]) -> None:
         with self._pending_lock:
@@ -206,21 +205,40 @@ class DynamicBatcher:
         if not jobs:
             return
         try:
-            requests = [job.request for job in jobs]
-            run = getattr(self.engine, task)
-            results = run(requests)
-            if len(results) != len(jobs):
-                raise RuntimeError(f"The engine answered {len(results)} of {len(jobs)} {task} inputs.")
-        except Exception as error:  # answer every waiting client, then keep serving
-            results = [error] * len(jobs)
+            results = self._call(task, jobs)
+        except Exception as error:
+            if len(jobs) == 1:
+                results = [error]
+            else:  # one input may have failed the batch: answer each alone, so only its own client gets the error
+                logger.warning("A %s batch of %d inputs failed (%r); answering its inputs one by one.", task,
+                               len(jobs), error)
+                results = [self._call_alone(task, job) for job in jobs]
         else:
-            if self.on_batch is not None:
-                try:  # a metrics hook must neither fail the answers nor stop the worker
-                    self.on_batch(task, len(jobs), sum(job.tokens for job in jobs))
-                except Exception:
-                    logger.exception("on_batch failed")
+            self._observe(task, jobs)
         for job, result in zip(jobs, results):
             if isinstance(result, Exception):
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+
+    def _call(self, task: str, jobs: list[_Job]) -> list:
+        results = getattr(self.engine, task)([job.request for job in jobs])
+        if len(results) != len(jobs):
+            raise RuntimeError(f"The engine answered {len(results)} of {len(jobs)} {task} inputs.")
+        return results
+
+    def _call_alone(self, task: str, job: _Job):
+        """`job`'s answer computed alone, or the exception it raised (returned, not raised)."""
+        try:
+            result = self._call(task, [job])[0]
+        except Exception as error:
+            return error
+        self._observe(task, [job])
+        return result
+
+    def _observe(self, task: str, jobs: list[_Job]) -> None:
+        if self.on_batch is not None:
+            try:  # a metrics hook must neither fail the answers nor stop the worker
+                self.on_batch(task, len(jobs), sum(job.tokens for job in jobs))
+            except Exception:
+                logger.exception("on_batch failed")

@@ -38,6 +38,7 @@ from ..fingerprint import chain_digests, prefix_fingerprint, unit_digests
 from ..freezing import frozen_boundary, get_layout
 from ..layout import execution_device
 from .kv_cache import Clock, partial_cache
+from .limits import batch_pad_id, usable_positions
 from .prefix_cache import StateCache
 from .requests import (
     BaseMismatchServingError,
@@ -67,7 +68,8 @@ class ServedModel:
         pooling (`str`): `mean` or `cls`, for `embed`.
         parent (`str | None`): the base's name for a fine-tune.
         runner (`PrefixRunner`): runs the model with its frozen blocks replaced by given boundary states.
-        max_input_tokens (`int | None`): the model's positions (`config.max_position_embeddings`), when it has them.
+        max_input_tokens (`int | None`): tokens an input may have (`limits.usable_positions`: the model's
+            positions, minus those its family skips), when the model has positions.
         shares_prefix (`bool`): whether its rows run through the base's prefix (the engine shares, `boundary >= 1`,
             and its config agrees with the base's on everything the prefix computes with).
         unshared_reason (`str | None`): why a fine-tune with a boundary does not share the prefix.
@@ -284,14 +286,13 @@ class ServingEngine:
             except ServingError as error:
                 logger.warning("Model %r will not generate: %s", name, error)
                 tasks = tuple(t for t in tasks if t != "generate")
-        config = getattr(model, "config", None)
         reason = None if parent is None else prefix_config_difference(self.base, model)
         if reason is not None and boundary >= 1:
             logger.warning("Model %r is served with its own full forward, not through the base's prefix: %s",
                            name, reason)
         served = ServedModel(name=name, model=model, boundary=boundary, tasks=tasks, pooling=self.pooling,
                              parent=parent, runner=PrefixRunner(model, get_layout(model)),
-                             max_input_tokens=getattr(config, "max_position_embeddings", None),
+                             max_input_tokens=usable_positions(model),
                              shares_prefix=self.share_prefix and boundary >= 1 and reason is None,
                              unshared_reason=reason if boundary >= 1 else None)
         self.models[name] = served
@@ -362,15 +363,17 @@ class ServingEngine:
                 lengths = [len(requests[i].input_ids) for i in model_rows]
                 for bucket in _length_buckets(lengths, self.max_padding):
                     rows = [model_rows[j] for j in bucket]
-                    inputs = _right_padded([requests[i].input_ids for i in rows], pad_token_id(served.model),
-                                           execution_device(served.runner.layout.embeddings[0]))
-                    inputs.update(_no_cache_kwargs(served.model))
-                    if self._shares(served):
-                        padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
-                        with served.runner.inject_states(padded, served.boundary):
+                    sequences = [requests[i].input_ids for i in rows]
+                    with batch_pad_id(served.model, sequences if task == "predict" else [],
+                                      pad_token_id(served.model)) as pad:
+                        inputs = _right_padded(sequences, pad, execution_device(served.runner.layout.embeddings[0]))
+                        inputs.update(_no_cache_kwargs(served.model))
+                        if self._shares(served):
+                            padded = _pad_states([states[i] for i in rows], inputs["attention_mask"].shape[1])
+                            with served.runner.inject_states(padded, served.boundary):
+                                out = served.model(**inputs)
+                        else:
                             out = served.model(**inputs)
-                    else:
-                        out = served.model(**inputs)
                     for row, i in enumerate(rows):
                         results[i] = (out, row)
             return results

@@ -65,8 +65,9 @@ class RowSampler:
         if request.max_new_tokens is None and positions:
             self.max_new_tokens = min(self.max_new_tokens, positions - prompt.shape[1])
         if self.max_new_tokens < 1:
-            raise ServingError(f"The prompt has {prompt.shape[1]} tokens, as many as the model's generation length "
-                               f"({config.max_length}); send `max_new_tokens` or a shorter prompt.")
+            raise ServingError(f"The prompt has {prompt.shape[1]} tokens, which leaves no room for new tokens within "
+                               f"the model's generation length ({config.max_length}) and positions ({positions}); "
+                               "send `max_new_tokens` or a shorter prompt.")
         eos = config._eos_token_tensor
         self.stop_ids = {int(t) for t in (eos.tolist() if eos is not None else [])} | {
             int(t) for t in request.stop_token_ids}

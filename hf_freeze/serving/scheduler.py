@@ -9,7 +9,8 @@ A `GenerationScheduler` keeps one running `DecodeBatch`. Each `step()`:
 A step is one prefill and one decoding forward at most, so whoever calls `step()` between other work (the
 `DynamicBatcher`'s worker does, between its batches) makes that work wait at most one step. One thread steps a
 scheduler; any thread may `submit` or cancel. A row whose sampling
-raises fails alone; an error in a forward fails the rows of that forward.
+raises fails alone; a prefill that raises is retried row by row, so that only the row that fails gets the error;
+an error in a decoding forward fails the rows of that forward.
 
 Example:
     ```python
@@ -186,20 +187,44 @@ class GenerationScheduler:
         return admitted
 
     def _prefill(self, entries: list[_Entry]) -> tuple[DecodeBatch, list[_Entry]] | None:
+        """Prefill `entries` together (their first tokens); if that forward raises, each one alone, so that only the
+        row that fails gets the error. Returns the prefilled batch and its entries (`None`: all failed)."""
         try:
-            batch = DecodeBatch(self.engine, [e.row for e in entries])
-            with self.engine.lock:
-                logits = batch.forward()
+            batch = self._prefilled(entries)
         except Exception as error:
-            logger.exception("A prefill failed")
+            if len(entries) == 1:
+                logger.exception("A prefill failed")
+                _fail(entries[0], error)
+                return None
+            logger.warning("A prefill of %d rows failed (%r); prefilling them one by one.", len(entries), error)
+            batch, prefilled = None, []
             for entry in entries:
-                _fail(entry, error)
-            return None
-        self._sample(entries, logits)
+                try:
+                    alone = self._prefilled([entry])
+                except Exception as error:
+                    logger.exception("A prefill failed")
+                    _fail(entry, error)
+                    continue
+                if batch is None:
+                    batch = alone
+                else:
+                    batch.extend(alone)
+                prefilled.append(entry)
+            if batch is None:
+                return None
+            entries = prefilled
         for entry in entries:
             if entry.row.finish_reason is not None and not entry.future.done():
                 _succeed(entry)
         return batch, entries
+
+    def _prefilled(self, entries: list[_Entry]) -> DecodeBatch:
+        """A new batch of `entries`, its prefill forward run and each row's first token sampled."""
+        batch = DecodeBatch(self.engine, [e.row for e in entries])
+        with self.engine.lock:
+            logits = batch.forward()
+        self._sample(entries, logits)
+        return batch
 
     def _sample(self, entries: list[_Entry], logits: torch.Tensor) -> None:
         """Each row's next token (a row whose sampling raises fails alone), then whether it has finished."""

@@ -50,11 +50,13 @@ def check_parallel_mode(args: Any, model: nn.Module | None = None, *, rebuilds_d
     """
     if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ParallelModeError(
-            "hf_freeze does not support DeepSpeed: ZeRO partitions gradients, so `p.grad` is None on every rank (the "
-            "gradnorm policy would read 0.0 for every block and freeze all it may at once), and its engine keeps "
-            "frozen parameters in its flat buffers. Use DDP (`accelerate launch` with a multi-GPU config, no "
-            "DeepSpeed) or, to freeze a fixed prefix under DeepSpeed, call `freeze_prefix(model, k)` before creating "
-            "the Trainer and train without hf_freeze's callback."
+            "hf_freeze does not support DeepSpeed: ZeRO builds its partitioned fp32 master weights and optimizer "
+            "state from the parameters that require grad when the engine starts, so a block frozen mid-run stays in "
+            "them and AdamW's momentum keeps moving it (seen in a 2-rank ZeRO-2 run with deepspeed 0.19.8; DeepSpeed "
+            "#2615), and gradients live in ZeRO's partitions "
+            "(`p.grad` is None; `deepspeed.utils.safe_get_full_grad`). Use FSDP2 (`fsdp_config={'version': 2}`) or "
+            "DDP; or freeze a fixed prefix with `freeze_prefix(model, k)` before the Trainer builds the engine and "
+            "train without hf_freeze's callback."
         )
     if check_fsdp(args, model):  # FSDP1 refused; FSDP2 recognised from the model, not the environment
         return  # no DDP wrapper: the checks below are DDP's

@@ -25,7 +25,8 @@ def ranks(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(HERE / "fsdp_worker.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # ~30 s here; ranks that took different paths would hang in a collective until this timeout
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -151,7 +151,8 @@ def save_suffix(
     """Save only what is not in the frozen prefix, bound to the prefix's fingerprint.
 
     Writes `config.json`, `suffix.safetensors` (blocks `[k, L)`, the head, untied tensors), `hf_freeze.json` and
-    the tokenizer, into a temporary folder renamed into place.
+    the tokenizer, into a temporary folder renamed into place. A model sharded with FSDP2: call it on every rank
+    (the shards are gathered one tensor at a time; rank 0 writes, the others wait for it).
 
     Args:
         model (`PreTrainedModel`): a model frozen with `freeze_prefix` (boundary `k`).
@@ -212,7 +213,8 @@ def save_pretrained(
     timeline: list[dict[str, Any]] | None = None,
     **save_kwargs: Any,
 ) -> Path:
-    """Save a full checkpoint (`model.save_pretrained`) plus `hf_freeze.json`, through a temporary folder.
+    """Save a full checkpoint (`model.save_pretrained`) plus `hf_freeze.json`, through a temporary folder. A model
+    sharded with FSDP2: call it on every rank (as `save_suffix`).
 
     Args:
         model (`PreTrainedModel`): frozen or not.

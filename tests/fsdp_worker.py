@@ -8,6 +8,7 @@ parameters.
 
 Runs in one launch (process start-up dominates on a small CPU):
 - `ddp`: the mid-run freeze of ddp_worker (gradnorm, cache on, no dropout) under DDP;
+- `callback` / `callback_ddp`: a plain Trainer with FreezeCallback (no cache) under FSDP2 and under DDP;
 - `fsdp`: the same under FSDP2, saving checkpoints; per optimizer step the boundary, the bytes reduce-scattered,
   the bytes of trainable parameters and this rank's parameter + gradient + optimizer bytes; then `save_suffix` and
   `save_pretrained` on every rank, and rank 0 reloads the suffix onto the full checkpoint and compares logits
@@ -28,13 +29,13 @@ import torch
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.tensor import DTensor
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_batch, tiny_model  # noqa: E402
 from helpers import PadCollator, token_dataset, training_args  # noqa: E402
 
-from hf_freeze import FreezeConfig, FreezeTrainer, frozen_boundary  # noqa: E402
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary  # noqa: E402
 from hf_freeze.cache.batch import CacheVerdict  # noqa: E402
 from hf_freeze.checkpoint import (  # noqa: E402
     load_suffix,
@@ -77,6 +78,10 @@ class FsdpTrainer(CpuFsdp, FreezeTrainer):
     pass
 
 
+class PlainFsdpTrainer(CpuFsdp, Trainer):
+    pass
+
+
 class StepStats(TrainerCallback):
     """Per optimizer step: boundary, trainable bytes, bytes reduce-scattered / all-reduced, this rank's memory."""
 
@@ -114,6 +119,29 @@ def make_trainer(out: Path, fsdp: bool, config: dict, **overrides) -> FreezeTrai
                freeze_config=FreezeConfig(**config))
 
 
+def train_with_callback(out: Path, fsdp: bool) -> dict:
+    """A plain Trainer with FreezeCallback (no cache) under FSDP2 or DDP."""
+    model = tiny_model("bert", "seq")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    callback = FreezeCallback(FreezeConfig(**{**FREEZE, "cache": "off"}))
+    sharding = {"fsdp": True, "fsdp_config": FSDP_CONFIG} if fsdp else {}
+    args = training_args(out / f"callback_{fsdp}", num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
+                         gradient_accumulation_steps=ACCUMULATION, **sharding)
+    cls = PlainFsdpTrainer if fsdp else Trainer
+    trainer = cls(model=model, args=args, train_dataset=token_dataset(size=40, seed=1), data_collator=PadCollator(),
+                  callbacks=[callback])
+    trainer.train()
+    return {"sharded": [isinstance(p, DTensor) for b in trainer.model.bert.encoder.layer for p in b.parameters()],
+            "timeline": [(e["step"], e["boundary"]) for e in callback.timeline],
+            "logs": logs(trainer), "weights": weights(trainer.model)}
+
+
+def logs(trainer) -> list[dict]:
+    return [{k: e[k] for k in ("step", "loss", "grad_norm")} for e in trainer.state.log_history if "loss" in e]
+
+
 def weights(model) -> dict[str, list[float]]:
     """Every parameter gathered whole (a collective under FSDP2), as lists to compare across runs."""
     return {name: full_tensor(p.detach()).flatten().tolist() for name, p in model.named_parameters()}
@@ -133,7 +161,7 @@ def train(out: Path, name: str, fsdp: bool, config: dict = FREEZE, resume: str |
         "model_class": type(model).__name__,
         "boundary": frozen_boundary(model),
         "timeline": [{k: v for k, v in e.items() if k != "seconds"} for e in trainer.freeze_callback.timeline],
-        "logs": [{k: e[k] for k in ("step", "loss", "grad_norm")} for e in trainer.state.log_history if "loss" in e],
+        "logs": logs(trainer),
         "steps": stats.steps,
         "hits": cache.stats.hits if cache else 0, "misses": cache.stats.misses if cache else 0,
         "verdicts": {str(k): v for k, v in cache.verdict.verdicts.items()} if cache else {},
@@ -194,7 +222,8 @@ def main(out_dir: str) -> None:
     with skewed_timings(rank):
         auto = train(out, "auto", fsdp=True, num_train_epochs=3,
                      config={"policy": "fixed", "boundary": 2, "cache": "auto", "cache_dir": str(out / "cache")})
-    result = {"logits": logits_check(out, fsdp["trainer"], rank), "resumed_from": first_freeze}
+    result = {"logits": logits_check(out, fsdp["trainer"], rank), "resumed_from": first_freeze,
+              "callback": train_with_callback(out, fsdp=True), "callback_ddp": train_with_callback(out, fsdp=False)}
     for name, run in (("ddp", ddp), ("fsdp", fsdp), ("resume", resumed), ("ddp_resume", ddp_resumed), ("auto", auto)):
         run.pop("trainer")
         result[name] = run

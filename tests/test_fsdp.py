@@ -61,6 +61,17 @@ def test_mid_run_freeze_under_fsdp2_equals_ddp_and_ranks_agree(ranks):
     assert all(r["fsdp"]["hits"] > 0 for r in ranks)  # the cache is on and read (in lockstep across ranks)
 
 
+def test_a_plain_trainer_with_the_callback_freezes_under_fsdp2_as_under_ddp(ranks):
+    for rank in ranks:
+        assert all(rank["callback"]["sharded"]) and not any(rank["callback_ddp"]["sharded"])
+        assert len(rank["callback"]["timeline"]) >= 2  # freezes mid-run (Trainer's own sampler: other steps)
+        assert rank["callback"]["timeline"] == rank["callback_ddp"]["timeline"]
+    ours, ddp = ranks[0]["callback"], ranks[0]["callback_ddp"]
+    assert [e["loss"] for e in ours["logs"]] == pytest.approx([e["loss"] for e in ddp["logs"]], rel=1e-5)
+    assert max_difference(ours["weights"], ddp["weights"]) < 1e-5
+    assert max_difference(ours["weights"], ranks[1]["callback"]["weights"]) == 0
+
+
 def test_bytes_reduce_scattered_and_rank_memory_fall_with_the_boundary(ranks):
     for rank in ranks:
         by_boundary = {}

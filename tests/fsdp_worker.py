@@ -16,6 +16,7 @@ Runs in one launch (process start-up dominates on a small CPU):
 - `resume` / `ddp_resume`: the `fsdp` and `ddp` runs resumed from their checkpoints after the first freeze;
 - `auto`: a run under FSDP2 with cache="auto" and a disk cache, timed so that the ranks would judge it
   differently (the verdict must be agreed across ranks);
+- `stopped_forward`: freeze_prefix right after a forward stopped at the boundary (the root's parameters gathered);
 - then a decision that differs per rank must be refused, and the disk cache folder refused under another layout.
 """
 
@@ -35,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_batch, tiny_model  # noqa: E402
 from helpers import PadCollator, token_dataset, training_args  # noqa: E402
 
-from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary  # noqa: E402
+from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, freeze_prefix, frozen_boundary, get_layout  # noqa: E402,E501
 from hf_freeze.cache.batch import CacheVerdict  # noqa: E402
+from hf_freeze.cache.runner import PrefixRunner  # noqa: E402
 from hf_freeze.checkpoint import (  # noqa: E402
     load_suffix,
     read_metadata,
@@ -45,7 +47,7 @@ from hf_freeze.checkpoint import (  # noqa: E402
     state_dict_for_save,
 )
 from hf_freeze.distributed import check_cache_world  # noqa: E402
-from hf_freeze.fsdp import check_same_decision, full_tensor, rank_memory  # noqa: E402
+from hf_freeze.fsdp import check_same_decision, full_tensor, rank_memory, reshard  # noqa: E402
 
 FREEZE = dict(policy="gradnorm", interval_steps=2, cache="on", percentile=50)  # ddp_worker's FREEZE_RUN
 EPOCHS, ACCUMULATION, BATCH = 8, 2, 4
@@ -138,6 +140,26 @@ def train_with_callback(out: Path, fsdp: bool) -> dict:
             "logs": logs(trainer), "weights": weights(trainer.model)}
 
 
+def freeze_after_a_stopped_forward(out: Path) -> dict:
+    """A forward stopped at the boundary (the cache's runner) leaves the root's parameters gathered; freeze_prefix
+    must still freeze the sharded parameters that FSDP2 and the optimizer hold."""
+    args = training_args(out / "stopped", max_steps=1, per_device_train_batch_size=BATCH, fsdp=True,
+                         fsdp_config=FSDP_CONFIG)
+    trainer = PlainFsdpTrainer(model=tiny_model("bert", "seq"), args=args, data_collator=PadCollator(),
+                               train_dataset=token_dataset(size=8, seed=1))
+    trainer.train()
+    model = trainer.model
+    runner = PrefixRunner(model, get_layout(model))
+    batch = tiny_batch(model, "seq")
+    batch.pop("labels")
+    runner.boundary_states(batch, 1)  # stops after block 0: the root group stays gathered
+    freeze_prefix(model, 1)
+    reshard(model)
+    embeddings = list(model.bert.embeddings.named_parameters())
+    return {"sharded": all(isinstance(p, DTensor) for _, p in embeddings),
+            "trainable": [n for n, p in embeddings if p.requires_grad]}
+
+
 def logs(trainer) -> list[dict]:
     return [{k: e[k] for k in ("step", "loss", "grad_norm")} for e in trainer.state.log_history if "loss" in e]
 
@@ -223,7 +245,8 @@ def main(out_dir: str) -> None:
         auto = train(out, "auto", fsdp=True, num_train_epochs=3,
                      config={"policy": "fixed", "boundary": 2, "cache": "auto", "cache_dir": str(out / "cache")})
     result = {"logits": logits_check(out, fsdp["trainer"], rank), "resumed_from": first_freeze,
-              "callback": train_with_callback(out, fsdp=True), "callback_ddp": train_with_callback(out, fsdp=False)}
+              "callback": train_with_callback(out, fsdp=True), "callback_ddp": train_with_callback(out, fsdp=False),
+              "stopped_forward": freeze_after_a_stopped_forward(out)}
     for name, run in (("ddp", ddp), ("fsdp", fsdp), ("resume", resumed), ("ddp_resume", ddp_resumed), ("auto", auto)):
         run.pop("trainer")
         result[name] = run

@@ -72,6 +72,11 @@ def test_a_plain_trainer_with_the_callback_freezes_under_fsdp2_as_under_ddp(rank
     assert max_difference(ours["weights"], ranks[1]["callback"]["weights"]) == 0
 
 
+def test_a_freeze_right_after_a_stopped_forward_freezes_the_sharded_parameters(ranks):
+    for rank in ranks:
+        assert rank["stopped_forward"] == {"sharded": True, "trainable": []}
+
+
 def test_bytes_reduce_scattered_and_rank_memory_fall_with_the_boundary(ranks):
     for rank in ranks:
         by_boundary = {}

@@ -235,20 +235,6 @@ def _local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
 
 
-if dist.is_available():
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
-
-    class _CountingReduceScatter(DefaultReduceScatter):
-        """FSDP2's default reduce-scatter, counting the bytes of each input (the unsharded gradients)."""
-
-        def __init__(self, meter: ReduceScatterMeter) -> None:
-            self.meter = meter
-
-        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-            self.meter.pending_bytes += input_tensor.numel() * input_tensor.element_size()
-            return super().__call__(output_tensor, input_tensor, group, op, async_op)
-
-
 class ReduceScatterMeter:
     """Counts the bytes FSDP2 reduce-scatters per optimizer step (the gradients of the parameters that train).
 
@@ -268,10 +254,13 @@ class ReduceScatterMeter:
 
     def attach(self, model: nn.Module) -> None:
         """Count the reduce-scatters of every FSDP2 module of `model` (from their next backward)."""
-        comm = _CountingReduceScatter(self)
+        comm = _counting_reduce_scatter(self)
         for module in model.modules():
             if isinstance(module, FSDPModule):
-                module.set_custom_reduce_scatter(comm)
+                try:
+                    module.set_custom_reduce_scatter(comm)
+                except ValueError:  # several parameter groups (per-parameter meshes): left uncounted
+                    logger.debug("hf_freeze: reduce-scatters of %s not counted.", type(module).__name__)
         self.attached_to = model
 
     def end_step(self) -> int:
@@ -279,3 +268,16 @@ class ReduceScatterMeter:
         sent, self.pending_bytes = self.pending_bytes, 0
         self.step_bytes.append(sent)
         return sent
+
+
+def _counting_reduce_scatter(meter: ReduceScatterMeter):
+    """FSDP2's default reduce-scatter, counting the bytes of each input (the unsharded gradients). Built on first use:
+    the default class lives in a private torch module."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    class CountingReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            meter.pending_bytes += input_tensor.numel() * input_tensor.element_size()
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    return CountingReduceScatter()

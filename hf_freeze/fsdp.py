@@ -150,26 +150,28 @@ def sharded_square_sums(unit_grads: list[list[torch.Tensor]]) -> torch.Tensor:
         A float32 tensor of one sum of squares per unit.
     """
     device = next((local_tensor(g).device for grads in unit_grads for g in grads), torch.device("cpu"))
-    sums = torch.zeros(len(unit_grads), dtype=torch.float32, device=device)
+    sharded_sums = torch.zeros(len(unit_grads), dtype=torch.float32, device=device)
+    whole_sums = torch.zeros_like(sharded_sums)  # plain tensors: the same whole gradient on every rank
     mesh_dims: dict[tuple[Any, tuple[int, ...]], None] = {}
     for unit, grads in enumerate(unit_grads):
         for grad in grads:
             local = local_tensor(grad.detach())
-            if local.numel():
-                sums[unit] += torch.linalg.vector_norm(local.float()).to(device) ** 2
-            if isinstance(grad, DTensor):
-                if any(p.is_partial() for p in grad.placements):
-                    raise RuntimeError("A gradient still holds partial sums (not reduce-scattered yet); read the "
-                                       "gradient norms after the backward's reduction (`on_pre_optimizer_step`).")
-                sharded = tuple(i for i, p in enumerate(grad.placements) if p.is_shard())
-                mesh_dims[(grad.device_mesh, sharded)] = None
+            square = torch.linalg.vector_norm(local.float()).to(device) ** 2 if local.numel() else 0.0
+            if not isinstance(grad, DTensor):
+                whole_sums[unit] += square
+                continue
+            if any(p.is_partial() for p in grad.placements):
+                raise RuntimeError("A gradient still holds partial sums (not reduce-scattered yet); read the "
+                                   "gradient norms after the backward's reduction (`on_pre_optimizer_step`).")
+            sharded_sums[unit] += square
+            mesh_dims[(grad.device_mesh, tuple(i for i, p in enumerate(grad.placements) if p.is_shard()))] = None
     if len(mesh_dims) > 1:
         raise RuntimeError(f"Gradients are sharded over {len(mesh_dims)} different device meshes / placements; "
                            "hf_freeze reads gradient norms under one FSDP2 mesh only.")
     for mesh, sharded in mesh_dims:
         for dim in sharded:
-            dist.all_reduce(sums, group=mesh.get_group(dim))
-    return sums
+            dist.all_reduce(sharded_sums, group=mesh.get_group(dim))
+    return sharded_sums + whole_sums
 
 
 def is_distributed() -> bool:

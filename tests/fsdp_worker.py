@@ -17,7 +17,8 @@ Runs in one launch (process start-up dominates on a small CPU):
 - `auto`: a run under FSDP2 with cache="auto" and a disk cache, timed so that the ranks would judge it
   differently (the verdict must be agreed across ranks);
 - `stopped_forward`: freeze_prefix right after a forward stopped at the boundary (the root's parameters gathered);
-- then a decision that differs per rank must be refused, and the disk cache folder refused under another layout.
+- then a decision that differs per rank must be refused (by `check_same_decision`, and by FreezeCallback in a run
+  whose fixed boundary differs per rank), and the disk cache folder refused under another layout.
 """
 
 import contextlib
@@ -251,6 +252,8 @@ def main(out_dir: str) -> None:
         run.pop("trainer")
         result[name] = run
     for key, call in (("disagreement", lambda: check_same_decision(rank)),
+                      ("split_freeze", lambda: train(out, "split", fsdp=True, max_steps=2,
+                                                     config={"policy": "fixed", "boundary": 1 + rank})),
                       ("cache_layout", lambda: check_cache_world(str(out / "cache"), 4, True, is_main=rank == 0))):
         try:
             call()

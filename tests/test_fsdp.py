@@ -130,6 +130,7 @@ def test_auto_cache_verdicts_are_the_same_on_every_rank(ranks):
 def test_ranks_that_disagree_and_a_cache_of_another_layout_are_refused(ranks):
     for rank in ranks:
         assert "FSDP ranks disagree on the freeze decision" in rank["disagreement"]
+        assert "FSDP ranks disagree on the freeze decision (rank: decision {0: 1, 1: 2})" in rank["split_freeze"]
         assert "world_size" in rank["cache_layout"] and "4" in rank["cache_layout"]
 
 

@@ -13,11 +13,18 @@ active blocks).
     python benchmarks/finetune.py --methods full cache:gradnorm:percentile=30,max_boundary=4   # policy knobs
     python benchmarks/finetune.py --methods full:epochs=1 full:learning_rate=1e-4   # run knobs: the frontier
     python benchmarks/finetune.py --dataset convention_speeches --batch-size 8 --max-length 256   # 10 epochs
+    python benchmarks/finetune.py --processes 2 --fsdp --methods full cache:gradnorm   # FSDP2 over 2 processes
 
 A method may carry run knobs (`epochs`, `learning_rate`) beside its policy knobs: `full:epochs=1` is full
 fine-tuning for one epoch with its own schedule, kept as `<name>_full_epochs1.json` next to `<name>_full.json`.
 `--epochs` / `--learning-rate` away from the workload's default become the same knobs, so a run's file name always
 says how it differs from the workload's protocol.
+
+With `--processes N` each method runs under `torch.distributed.run` (DDP, or FSDP2 with `--fsdp`: one `fully_shard` per
+block, through Accelerate); rank 0 writes the result. FSDP runs also report the bytes reduce-scattered per optimizer
+step and the bytes one rank holds in parameter shards + gradient shards + optimizer state (its peak over the run).
+Accelerate 1.15 enables FSDP on GPU set-ups only; on a CPU, `--fsdp` switches Accelerate's state to FSDP itself (as
+tests/fsdp_worker.py does), to try the path without GPUs.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -38,6 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_freeze import FreezeCallback, FreezeConfig, FreezeTrainer, frozen_boundary, frozen_parameters, get_layout
 from hf_freeze.atomic import write_text_atomic
+from hf_freeze.fsdp import ReduceScatterMeter, is_fsdp2, rank_memory
 from hf_freeze.optim import optimizer_state_bytes
 from hf_freeze.profiling import count_saved_tensor_bytes
 from hf_freeze.report import StepTimerCallback
@@ -75,6 +84,8 @@ def main() -> None:
     parser.add_argument("--skip-ideal", action="store_true", help="do not time the ideal steps (faster)")
     parser.add_argument("--name", default=None, help="results file name (default: finetune_<model>_<task>)")
     parser.add_argument("--runs-dir", default=str(RESULTS / "runs"), help="where each method's own result is kept")
+    parser.add_argument("--processes", type=int, default=1, help="processes per method (torch.distributed.run)")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (with --processes > 1)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -82,7 +93,9 @@ def main() -> None:
     args.batch_size = args.batch_size or (32 if args.task == "classification" else 8)
     args.epochs = args.epochs if args.epochs is not None else workload_epochs(args.dataset)
     if args.run_one:
-        write_text_atomic(args.out, json.dumps(run_one(args, args.run_one), default=str))
+        result = run_one(args, args.run_one)
+        if int(os.environ.get("RANK", 0)) == 0:
+            write_text_atomic(args.out, json.dumps(result, default=str))
         return
     args.name = args.name or f"finetune_{args.model}_{args.task}"
     runs = Path(args.runs_dir)  # write_text_atomic creates it
@@ -94,7 +107,9 @@ def main() -> None:
             print(f"==== {method}: reusing {saved} ====", flush=True)
         else:
             print(f"==== {method} ====", flush=True)
-            command = [sys.executable, __file__, "--run-one", method, "--out", str(saved)] + forwarded(args)
+            launcher = [sys.executable] if args.processes == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.processes)]
+            command = launcher + [__file__, "--run-one", method, "--out", str(saved)] + forwarded(args)
             subprocess.run(command, check=True, cwd=ROOT)
         results[method] = json.loads(saved.read_text())
         print({k: v for k, v in results[method].items() if k not in ("evals", "timeline", "step_seconds",
@@ -168,7 +183,7 @@ def forwarded(args) -> list[str]:
     flags = ["--task", args.task, "--model", args.model, "--epochs", str(args.epochs), "--batch-size",
              str(args.batch_size), "--learning-rate", str(args.learning_rate), "--lora-learning-rate",
              str(args.lora_learning_rate), "--evals", str(args.evals), "--seed", str(args.seed), "--max-length",
-             str(args.max_length)]
+             str(args.max_length), "--processes", str(args.processes)] + (["--fsdp"] if args.fsdp else [])
     for name in ("max_train_samples", "max_eval_samples", "dataset"):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -209,6 +224,43 @@ class AllReduceBytes(TrainerCallback):
                                  if p.requires_grad or id(p) in frozen))
 
 
+class RankMemory(TrainerCallback):
+    """Under FSDP2: bytes reduce-scattered per optimizer step, and the most this rank held in parameter shards +
+    gradient shards + optimizer state (read where gradients exist: just before the optimizer step)."""
+
+    def __init__(self) -> None:
+        self.meter, self.trainer, self.peak = ReduceScatterMeter(), None, 0
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        own = getattr(self.trainer, "reduce_scatter_meter", None)  # FreezeTrainer counts them itself
+        if own is None and self.meter.attached_to is not model and is_fsdp2(model):
+            self.meter.attach(model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.peak = max(self.peak, sum(rank_memory(model, optimizer).values()))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.meter.attached_to is not None:
+            self.meter.end_step()
+
+    def bytes_per_step(self) -> list[int]:
+        own = getattr(self.trainer, "reduce_scatter_meter", None)
+        return (own if own is not None and own.step_bytes else self.meter).step_bytes
+
+
+def enable_fsdp_on_cpu(trainer: Trainer) -> None:
+    """What Accelerate sets up for FSDP on GPUs (it ignores `fsdp=` on a CPU), so that the model is sharded."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if trainer.args.fsdp_plugin_args is None or torch.cuda.is_available():
+        return
+    trainer.accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True
+
+
 def run_one(args, method: str) -> dict:
     args = with_run_knobs(args, method)
     torch.manual_seed(args.seed)
@@ -227,14 +279,20 @@ def run_one(args, method: str) -> dict:
         steps_per_epoch = math.ceil(len(common["train_dataset"]) / args.batch_size)
         max_steps = math.ceil(steps_per_epoch * args.epochs)
         steps = max(1, max_steps // args.evals) if args.evals else None
-        training_args = make_args(args, output_dir, lora=method == "lora", steps=steps)
-        common["args"] = training_args
         model = make_model()
-        num_blocks = get_layout(model).num_blocks
+        layout = get_layout(model)
+        num_blocks = layout.num_blocks
+        wrap = type(layout.blocks[0]).__name__ if args.fsdp else None
+        training_args = make_args(args, output_dir, lora=method == "lora", steps=steps, fsdp_wrap=wrap)
+        common["args"] = training_args
         timer = StepTimerCallback()
         evals = EvalTimeline(timer)
         allreduce = AllReduceBytes(shrinks=method.startswith("cache"))
-        trainer = build_trainer(method, model, common, [timer, evals, allreduce], num_blocks, args.task)
+        memory = RankMemory()
+        trainer = build_trainer(method, model, common, [timer, evals, allreduce, memory], num_blocks, args.task)
+        memory.trainer = trainer
+        if args.fsdp:
+            enable_fsdp_on_cpu(trainer)
         started = time.perf_counter()
         trainer.train()  # what a user waits for: every step, the per-epoch evaluations, the cache's own work
         wall_seconds = time.perf_counter() - started
@@ -253,13 +311,34 @@ def run_one(args, method: str) -> dict:
         "peak_memory_mb": peak_memory_mb(),
         "num_blocks": num_blocks,
         "allreduce_mb_per_step": sum(allreduce.per_step) / max(len(allreduce.per_step), 1) / 2**20,
+        **fsdp_figures(memory, timer),
         **measured,
     }
 
 
-def make_args(args, output_dir: str, lora: bool, steps: int | None) -> TrainingArguments:
+def fsdp_figures(memory: RankMemory, timer: StepTimerCallback) -> dict:
+    """Reduce-scattered MB per step (mean, and per boundary) and one rank's peak MB; empty without FSDP2."""
+    sent = memory.bytes_per_step()
+    if not sent:
+        return {}
+    by_boundary: dict[str, list[int]] = {}
+    for record, value in zip(timer.records, sent):
+        by_boundary.setdefault(str(record.boundary), []).append(value)
+    return {"reduce_scatter_mb_per_step": sum(sent) / len(sent) / 2**20,
+            "reduce_scatter_mb_by_boundary": {k: v[0] / 2**20 for k, v in by_boundary.items()},
+            "rank_peak_mb": memory.peak / 2**20}
+
+
+def make_args(args, output_dir: str, lora: bool, steps: int | None, fsdp_wrap: str | None = None
+              ) -> TrainingArguments:
+    # FSDP2, one unit per block (Accelerate's default wrap also takes `_no_split_modules`, e.g. BertEmbeddings, and
+    # then fails on torch 2.13: the input embeddings' parameter is already sharded)
+    config = {"version": 2, "transformer_layer_cls_to_wrap": [fsdp_wrap]}
+    fsdp = {"fsdp": True, "fsdp_config": config} if fsdp_wrap else {}
+    if args.processes > 1 and not torch.cuda.is_available():
+        fsdp["use_cpu"] = True  # without it, TrainingArguments on a CPU does not see torchrun's process group
     return TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
+        **fsdp, output_dir=output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=4 * args.batch_size, seed=args.seed, report_to="none", save_strategy="no",
         learning_rate=args.lora_learning_rate if lora else args.learning_rate, logging_steps=50,
         eval_strategy="steps" if steps else "epoch", eval_steps=steps, disable_tqdm=True,
@@ -337,6 +416,9 @@ def report(args, results: dict) -> None:
             "all-reduce MB/step": result.get("allreduce_mb_per_step"),
             "peak MB": result["peak_memory_mb"],
         }
+        if "reduce_scatter_mb_per_step" in result:
+            row["reduce-scatter MB/step"] = result["reduce_scatter_mb_per_step"]
+            row["rank peak MB (params+grads+optim)"] = result["rank_peak_mb"]
         if full:
             target = full["final"][key] - 0.005 if classification else full["final"][key] * 1.01
             reached = [e for e in result["evals"] + [dict(result["final"], train_seconds=result["train_seconds"])]
@@ -348,6 +430,9 @@ def report(args, results: dict) -> None:
     columns = ["method", "train s", "speed-up", "accuracy %" if classification else "perplexity",
                "time to target s", "ideal speed-up", "final boundary", "activations MB", "optimizer MB",
                "all-reduce MB/step", "peak MB"]
+    if any("reduce-scatter MB/step" in row for row in rows):  # FSDP2: all-reduce does not apply
+        columns.remove("all-reduce MB/step")
+        columns += ["reduce-scatter MB/step", "rank peak MB (params+grads+optim)"]
     info = stamp()
     target_text = "full fine-tuning accuracy - 0.5 point" if classification else "full fine-tuning perplexity + 1%"
     title = (f"Fine-tuning {args.model} ({args.task}), {args.epochs:g} epochs, batch {args.batch_size}, seed "

@@ -24,6 +24,7 @@ from .budget import StepCostModel
 from .config import FreezeConfig
 from .distributed import ParallelModeError, check_parallel_mode
 from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
+from .fsdp import check_same_decision, is_fsdp2
 from .offload import check_trainable_placement, offload_frozen_blocks
 from .optim import release_parameters
 from .policy import FreezeDecision, FreezePolicy, Progress, build_policy, units_of
@@ -69,6 +70,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         self._dropout_handle: torch.utils.hooks.RemovableHandle | None = None
         self._base_prefix: BasePrefix | None = None  # shareable_prefix: the base's weights of the units to freeze
         self._model: torch.nn.Module | None = None
+        self._sharded = False  # the model is sharded with FSDP2
         self._pending_logs: dict[str, float] = {}
         self._train_start = time.perf_counter()
 
@@ -83,6 +85,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
         if self.policy.needs_step_costs:
             self.policy.use_costs(StepCostModel.from_model(model, layout, cached=self.caches_prefix))
         check_parallel_mode(args, model, rebuilds_ddp=self.rebuilds_ddp)
+        self._sharded = is_fsdp2(model)
         if self.config.offload_frozen != "none" and args.world_size > 1:
             raise ParallelModeError(
                 f"offload_frozen={self.config.offload_frozen!r} is for single-process runs (a model spread with "
@@ -170,7 +173,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
                             steps_per_epoch=math.ceil(state.max_steps / epochs) if epochs else None)
         decision = self.policy.decide(progress, frozen_boundary(model))
         if self.policy.is_decision_step(progress) or state.global_step == 0:
-            decision = _same_on_every_rank(decision)
+            if self._sharded:  # FSDP2: every rank decided from the same reduced norms; a split is an error
+                check_same_decision(None if decision is None else decision.boundary)
+            else:
+                decision = _same_on_every_rank(decision)
         if decision is None:
             return
         result = freeze_prefix(model, decision.boundary, optimizer=optimizer, tied_weights=self.config.tied_weights)

@@ -39,6 +39,7 @@ from transformers import initialization
 from .atomic import write_folder_atomic, write_text_atomic
 from .fingerprint import chain_digests, unit_digests
 from .freezing import freeze_prefix, frozen_boundary, get_layout, untied_parameters
+from .fsdp import full_tensor, is_distributed, is_fsdp2, is_main_rank, model_class
 from .layout import BlockLayout, execution_device
 from .offload import materialized_state_dict
 
@@ -158,7 +159,8 @@ def save_suffix(
     """Save only what is not in the frozen prefix, bound to the prefix's fingerprint.
 
     Writes `config.json`, `suffix.safetensors` (blocks `[k, L)`, the head, untied tensors), `hf_freeze.json` and
-    the tokenizer, into a temporary folder renamed into place.
+    the tokenizer, into a temporary folder renamed into place. A model sharded with FSDP2: call it on every rank
+    (the shards are gathered one tensor at a time; rank 0 writes, the others wait for it).
 
     Args:
         model (`PreTrainedModel`): a model frozen with `freeze_prefix` (boundary `k`).
@@ -187,24 +189,26 @@ def save_suffix(
         )
     layout = get_layout(model)
     prefix_keys, tied = _split_state_dict(model, layout, boundary)
-    suffix = {
-        name: tensor.detach().to("cpu").contiguous().clone()
+    suffix = {  # FSDP2 shards are gathered whole (every rank takes part), one tensor at a time
+        name: full_tensor(tensor.detach()).to("cpu").contiguous().clone()
         for name, tensor in model.state_dict().items()
         if name not in prefix_keys and name not in tied
     }
     metadata = _metadata(model, layout, boundary, suffix_only=True, tied=sorted(tied), base_model=base_model,
                          base_revision=base_revision, timeline=timeline)
+    if is_fsdp2(model) and not is_main_rank():
+        return _after_writer(Path(directory))
     _warn_if_prefix_trained(metadata)
 
     def write_model(folder: Path) -> None:
-        model.config.architectures = [type(model).__name__]  # as `save_pretrained` does
+        model.config.architectures = [model_class(model).__name__]  # as `save_pretrained` does
         model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: 0)():
             model.generation_config.save_pretrained(folder)
         save_file(suffix, str(folder / SUFFIX_WEIGHTS_NAME), metadata={"format": "pt"})
         metadata.weights = {SUFFIX_WEIGHTS_NAME: (folder / SUFFIX_WEIGHTS_NAME).stat().st_size}
 
-    return _save_folder(directory, write_model, tokenizer, metadata)
+    return _after_writer(_save_folder(directory, write_model, tokenizer, metadata), sharded=is_fsdp2(model))
 
 
 def save_pretrained(
@@ -217,7 +221,8 @@ def save_pretrained(
     timeline: list[dict[str, Any]] | None = None,
     **save_kwargs: Any,
 ) -> Path:
-    """Save a full checkpoint (`model.save_pretrained`) plus `hf_freeze.json`, through a temporary folder.
+    """Save a full checkpoint (`model.save_pretrained`) plus `hf_freeze.json`, through a temporary folder. A model
+    sharded with FSDP2: call it on every rank (as `save_suffix`).
 
     Args:
         model (`PreTrainedModel`): frozen or not.
@@ -230,7 +235,10 @@ def save_pretrained(
     """
     metadata = full_metadata(model, base_model=base_model, base_revision=base_revision, timeline=timeline)
     save_kwargs.setdefault("state_dict", state_dict_for_save(model))
-    return _save_folder(directory, lambda folder: model.save_pretrained(folder, **save_kwargs), tokenizer, metadata)
+    if is_fsdp2(model) and not is_main_rank():
+        return _after_writer(Path(directory))
+    folder = _save_folder(directory, lambda folder: model.save_pretrained(folder, **save_kwargs), tokenizer, metadata)
+    return _after_writer(folder, sharded=is_fsdp2(model))
 
 
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -238,7 +246,10 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     ties them: freezing unties `lm_head` from the embeddings and sets `tie_word_embeddings=False`, and a tensor the
     two heads still share (e.g. BERT's `decoder.bias` / `predictions.bias`) would otherwise be saved once and not
     tied again on load. Blocks that Accelerate offloaded (`device_map`, `offload_frozen`) sit on `meta`: their real
-    weights are read from the offload hooks."""
+    weights are read from the offload hooks. Under FSDP2 every rank must call it: shards are gathered whole, to the
+    CPU, one tensor at a time."""
+    if is_fsdp2(model):
+        return {name: full_tensor(t.detach()).to("cpu") for name, t in model.state_dict().items()}
     state = materialized_state_dict(model)
     if getattr(getattr(model, "config", None), "tie_word_embeddings", True):
         return state
@@ -470,6 +481,13 @@ def _save_folder(directory: str | os.PathLike, write_model: Callable[[Path], Non
     return write_folder_atomic(directory, write, last=METADATA_NAME)
 
 
+def _after_writer(folder: Path, sharded: bool = True) -> Path:
+    """Under FSDP2, every rank returns once the writer (rank 0) has written `folder`."""
+    if sharded and is_distributed():
+        torch.distributed.barrier()
+    return folder
+
+
 def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, suffix_only: bool, tied: list[str],
               base_model: str | None, base_revision: str | None, timeline: list[dict[str, Any]] | None
               ) -> FreezeMetadata:
@@ -491,7 +509,7 @@ def _metadata(model: nn.Module, layout: BlockLayout, boundary: int | None, *, su
         num_blocks=layout.num_blocks,
         blocks_path=layout.blocks_path,
         suffix_only=suffix_only,
-        architecture=type(model).__name__,
+        architecture=model_class(model).__name__,  # not FSDP2's `FSDP<Model>`
         base_model=base_model,
         base_revision=base_revision,
         base_model_path=local_path,

@@ -1,7 +1,7 @@
 """Data parallelism with a growing frozen prefix.
 
-- `check_parallel_mode`: the training modes hf_freeze refuses up front (DeepSpeed, FSDP, `nn.DataParallel`, DDP
-  that would hang after a freeze), each with why and what to use instead.
+- `check_parallel_mode`: the training modes hf_freeze refuses up front (DeepSpeed, FSDP1, `nn.DataParallel`, DDP
+  that would hang after a freeze), each with why and what to use instead; FSDP2 is `fsdp.py`'s.
 - `rebuild_ddp`: a new `DistributedDataParallel` over the same module and settings. DDP registers only the
   parameters that require grad when it is built, so after a freeze the rebuilt wrapper all-reduces the active
   parameters only, and `find_unused_parameters` is no longer needed for the frozen ones.
@@ -26,6 +26,7 @@ from torch.utils.data import Sampler
 
 from .atomic import write_text_atomic
 from .freezing import uses_activation_checkpointing
+from .fsdp import check_fsdp
 
 CACHE_WORLD_FILE = "world.json"
 
@@ -44,25 +45,21 @@ def check_parallel_mode(args: Any, model: nn.Module | None = None, *, rebuilds_d
             a plain `Trainer` with `FreezeCallback` does not).
 
     Raises:
-        `ParallelModeError`: DeepSpeed, FSDP, `nn.DataParallel`, or DDP without `find_unused_parameters` where the
+        `ParallelModeError`: DeepSpeed, FSDP1, `nn.DataParallel`, or DDP without `find_unused_parameters` where the
             wrapper is not rebuilt.
     """
     if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
         raise ParallelModeError(
-            "hf_freeze does not support DeepSpeed: ZeRO partitions gradients, so `p.grad` is None on every rank (the "
-            "gradnorm policy would read 0.0 for every block and freeze all it may at once), and its engine keeps "
-            "frozen parameters in its flat buffers. Use DDP (`accelerate launch` with a multi-GPU config, no "
-            "DeepSpeed) or, to freeze a fixed prefix under DeepSpeed, call `freeze_prefix(model, k)` before creating "
-            "the Trainer and train without hf_freeze's callback."
+            "hf_freeze does not support DeepSpeed: ZeRO builds its partitioned fp32 master weights and optimizer "
+            "state from the parameters that require grad when the engine starts, so a block frozen mid-run stays in "
+            "them and AdamW's momentum keeps moving it (seen in a 2-rank ZeRO-2 run with deepspeed 0.19.8; DeepSpeed "
+            "#2615), and gradients live in ZeRO's partitions "
+            "(`p.grad` is None; `deepspeed.utils.safe_get_full_grad`). Use FSDP2 (`fsdp_config={'version': 2}`) or "
+            "DDP; or freeze a fixed prefix with `freeze_prefix(model, k)` before the Trainer builds the engine and "
+            "train without hf_freeze's callback."
         )
-    if getattr(args, "fsdp", None) or _env_flag("ACCELERATE_USE_FSDP"):
-        raise ParallelModeError(
-            "hf_freeze does not support FSDP: FSDP shards parameters and gradients across ranks (the gradnorm policy "
-            "would not see whole gradients) and FSDP1 needs one `requires_grad` per flat parameter, so a prefix "
-            "frozen mid-run breaks it (pytorch#104690). Use DDP (`accelerate launch` with a multi-GPU config), which "
-            "hf_freeze rebuilds over the active blocks after each freeze; or freeze a fixed prefix with "
-            "`freeze_prefix(model, k)` before wrapping with FSDP and train without hf_freeze's callback."
-        )
+    if check_fsdp(args, model):  # FSDP1 refused; FSDP2 recognised from the model, not the environment
+        return  # no DDP wrapper: the checks below are DDP's
     if getattr(args, "n_gpu", 1) > 1 and getattr(args, "world_size", 1) <= 1:
         raise ParallelModeError(
             f"{args.n_gpu} GPUs are visible without a distributed launcher, so Trainer would wrap the model in "

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fsdp import full_tensor
 from .layout import BlockLayout
 
 _DIGEST_SIZE = 16
@@ -59,13 +60,17 @@ _MEMOS: weakref.WeakKeyDictionary[nn.Module, _Memo] = weakref.WeakKeyDictionary(
 
 
 def tensor_bytes_digest(hasher: hashlib._Hash, tensor: torch.Tensor) -> None:
-    """Feed one tensor (dtype, shape, raw bytes) into `hasher`, moving it to the CPU alone if needed."""
-    tensor = tensor.detach()
+    """Feed one tensor (dtype, shape, raw bytes) into `hasher`, moving it to the CPU alone if needed. A tensor sharded
+    by FSDP2 is gathered whole first (a collective), so every rank and an unsharded copy hash the same bytes."""
+    tensor = full_tensor(tensor.detach())
     hasher.update(str(tensor.dtype).encode())
     hasher.update(str(tuple(tensor.shape)).encode())
     if tensor.numel() == 0:
         return
-    hasher.update(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    data = tensor.to("cpu").contiguous()
+    if data.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        data = data.clone()  # `.numpy()` pins a storage's size, and FSDP2 frees and refills its gathered parameters'
+    hasher.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def unit_digest(layout: BlockLayout, unit: int) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .fingerprint import forget_digests
+from .fsdp import reshard
 from .layout import BlockLayout, find_layout
 from .optim import release_parameters
 
@@ -58,6 +59,7 @@ def get_layout(model: nn.Module, blocks_path: str | None = None) -> BlockLayout:
     if state is not None and (blocks_path is None or blocks_path == state.layout.blocks_path):
         return state.layout
     layout = find_layout(model, blocks_path)
+    reshard(model)  # FSDP2: the tracing forward stopped at block 0, with the root's parameters gathered
     object.__setattr__(model, _STATE_ATTR, FreezeState(layout=layout))
     return layout
 
@@ -100,6 +102,7 @@ def freeze_prefix(
     """
     layout = get_layout(model, blocks_path)
     state: FreezeState = getattr(model, _STATE_ATTR)
+    reshard(model)  # FSDP2: freeze the sharded parameters, not gathered copies a stopped forward left behind
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
         raise TypeError(f"`num_blocks` must be an int, got {type(num_blocks).__name__}.")
     if not 0 <= num_blocks <= layout.num_blocks:

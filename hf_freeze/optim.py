@@ -4,7 +4,8 @@ Frozen parameters leave the optimizer's param groups and their state (AdamW's `e
 freed. The groups themselves stay, so learning-rate schedulers, which hold one learning rate per group, are not
 disturbed. `optimizer.state_dict()` still describes the *original* layout (frozen parameters listed, without state)
 so that a fresh optimizer built by `Trainer` on resume, which lists every parameter, loads it unchanged; the
-callback then re-freezes and prunes again.
+callback then re-freezes and prunes again. Under FSDP2 the parameters stay listed and only their state goes
+(`torch.distributed.checkpoint` saves optimizer state by parameter name, for the groups as they are).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .fsdp import DTensor, local_tensor
 
 _FULL_GROUPS = "_hf_freeze_full_groups"
 
@@ -30,6 +33,12 @@ def release_parameters(optimizer: torch.optim.Optimizer, params: Iterable[nn.Par
         `int`: bytes of optimizer state freed.
     """
     inner = unwrap_optimizer(optimizer)
+    params = list(params)
+    if any(isinstance(p, DTensor) for p in params):
+        # FSDP2: the parameters stay listed (a frozen parameter never gets a gradient again, and torch optimizers
+        # skip parameters without one), so the layout that torch.distributed.checkpoint saves and loads by name is
+        # unchanged; only their sharded state is dropped.
+        return sum(state_bytes(inner.state.pop(p, {})) for p in params)
     _remember_full_layout(inner)
     released = {id(p) for p in params}
     freed = 0
@@ -49,7 +58,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def state_bytes(state: dict[str, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    """Bytes of one parameter's state tensors on this rank (the local shard of a `DTensor`)."""
+    return sum(local_tensor(v).numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

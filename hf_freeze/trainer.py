@@ -6,7 +6,9 @@ What it adds to `Trainer`, and nothing else:
 - `compute_loss` and `prediction_step` ask `cache.batch.BatchCache` for the batch's boundary states and, when it
   gives some, run the model from the boundary (`cache.runner`), inside the model's own forward, so DDP,
   Accelerate hooks and the model's loss still apply;
-- `log` merges `freeze/*` and `cache/*` metrics into the Trainer's logs, so every reporting integration sees them.
+- `log` merges `freeze/*` and `cache/*` metrics into the Trainer's logs, so every reporting integration sees them;
+- under FSDP2 (`fsdp.py`): the cache runs in lockstep across ranks, and `fsdp/reduce_scatter_bytes_per_step` is
+  logged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from .cache.batch import BatchCache, TrainingProgress
@@ -35,7 +38,8 @@ from .callback import FreezeCallback
 from .checkpoint import FreezeMetadata, full_metadata, state_dict_for_save, write_metadata
 from .config import FreezeConfig
 from .distributed import ActiveBlocksDDP, RankStableSampler, check_cache_world
-from .freezing import frozen_boundary, get_layout
+from .freezing import freeze_prefix, frozen_boundary, get_layout
+from .fsdp import FSDPModule, ReduceScatterMeter, is_fsdp2
 from .hub import (
     PLOT_NAME,
     PushError,
@@ -79,6 +83,7 @@ class FreezeTrainer(Trainer):
         self._wire(callback)
         self.add_callback(callback)
         self.active_ddp = ActiveBlocksDDP(keep_find_unused=self.args.ddp_find_unused_parameters is not None)
+        self.reduce_scatter_meter = ReduceScatterMeter()  # FSDP2: bytes reduce-scattered per optimizer step
         self.add_callback(_CacheMaintenance(self))
         self.data_collator = ExampleIndexCollator(self.data_collator)
         self.boundary_states: BatchCache | None = None  # created with the first cached batch
@@ -102,6 +107,17 @@ class FreezeTrainer(Trainer):
         self._resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
         self.freeze_callback.resume_checkpoint = self._resume_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and is_fsdp2(self.model):
+            # torch.distributed.checkpoint refuses to load an optimizer without state for a parameter that requires
+            # grad, and frozen parameters have none: freeze the checkpoint's prefix first (the callback then finds
+            # it frozen, and restores the rest of its state).
+            boundary, current = _checkpoint_boundary(checkpoint), frozen_boundary(self.model)
+            if boundary is not None and (current is None or current < boundary):
+                freeze_prefix(self.model, boundary, tied_weights=self.freeze_config.tied_weights,
+                              blocks_path=self.freeze_config.blocks_path)
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     def _load_callback_state(self) -> None:
         super()._load_callback_state()
@@ -156,11 +172,16 @@ class FreezeTrainer(Trainer):
         if self.freeze_config.ddp_rebuild:
             model = self.active_ddp.wrapper_for(model, frozen_boundary(self.model))
             self.model_wrapped = model
+        meter = self.reduce_scatter_meter
+        if meter.attached_to is not model and isinstance(model, FSDPModule):  # Accelerate shards the root too
+            meter.attach(model)
         # under gradient accumulation the Trainer's `no_sync` names the wrapper it built, not a rebuilt one
         accumulating = self.active_ddp.wrapper is model and not self.accelerator.sync_gradients
         with model.no_sync() if accumulating else contextlib.nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
         self.active_ddp.after_backward(self.accelerator.sync_gradients)
+        if meter.attached_to is model and self.accelerator.sync_gradients:
+            meter.end_step()
         return loss
 
     def get_eval_dataloader(self, eval_dataset: str | Any | None = None) -> DataLoader:
@@ -232,7 +253,7 @@ class FreezeTrainer(Trainer):
                 on_stale=self.freeze_config.on_stale_cache,
             )
             self.boundary_states = BatchCache(runner, cache, self.label_names or (), mode=self.freeze_config.cache,
-                                              cache_eval=self.freeze_config.cache_eval)
+                                              cache_eval=self.freeze_config.cache_eval, lockstep=is_fsdp2(self.model))
         return self.boundary_states
 
     # ---- explicit cache building ----
@@ -297,9 +318,12 @@ class FreezeTrainer(Trainer):
         """`Trainer._save`, plus `hf_freeze.json` (boundary, prefix fingerprint, timeline) beside the weights."""
         if state_dict is None and isinstance(self.model, PreTrainedModel):
             state_dict = state_dict_for_save(self.model)  # offloaded blocks' real weights, tied tensors apart
+        # Under FSDP2 every rank comes here (with the gathered state dict) and the fingerprints gather the shards:
+        # every rank computes them, the writer writes.
+        metadata = self.freeze_metadata() if self.args.should_save or is_fsdp2(self.model) else None
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            write_metadata(output_dir or self.args.output_dir, self.freeze_metadata())
+            write_metadata(output_dir or self.args.output_dir, metadata)
 
     def freeze_metadata(self) -> FreezeMetadata:
         """What this run's saves record in `hf_freeze.json`."""
@@ -367,6 +391,8 @@ class FreezeTrainer(Trainer):
             logs.update(self.boundary_states.stats.as_logs(self.boundary_states.cache))
         if self.active_ddp.meter.step_bytes:
             logs["ddp/allreduce_bytes_per_step"] = float(self.active_ddp.meter.step_bytes[-1])
+        if self.reduce_scatter_meter.step_bytes:
+            logs["fsdp/reduce_scatter_bytes_per_step"] = float(self.reduce_scatter_meter.step_bytes[-1])
         super().log(logs, start_time)
 
 
@@ -406,6 +432,17 @@ def _swapped(obj: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         setattr(obj, name, original)
+
+
+def _checkpoint_boundary(checkpoint: str) -> int | None:
+    """The frozen boundary a Trainer checkpoint folder recorded (`FreezeCallback`'s state), or `None`."""
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        return None
+    saved = (TrainerState.load_from_json(path).stateful_callbacks or {}).get(FreezeCallback.__name__)
+    if isinstance(saved, list):
+        saved = saved[0] if saved else None
+    return (saved or {}).get("attributes", {}).get("boundary")
 
 
 def _first(value: str | list[str] | None) -> str | None:

@@ -9,6 +9,11 @@ MiniLM (6 blocks) on Rotten Tomatoes snippets, small subsets, so that the whole 
 5. bf16 training: eval loss from the cache against recomputed, both under bf16 autocast.
 6. fp16 without clipping (`max_grad_norm=0`): the gradient norms the policy reads are unscaled (same order as an
    fp32 run's, not multiplied by the loss scale, 65536 at the start).
+7. FSDP2 on one GPU (world size 1, `torch.distributed.run` in a subprocess): Trainer shards MiniLM through Accelerate
+   (one `fully_shard` per block), gradnorm freezing mid-run with the cache on; the blocks must hold DTensor parameters;
+   parameter, gradient and optimizer bytes by boundary; a suffix saved from the sharded model and loaded onto its full
+   checkpoint against the sharded model's logits. On the CPU Accelerate ignores `fsdp=`, so the dry run switches its
+   state to FSDP itself (as tests/fsdp_worker.py does).
 
 Without a GPU it runs the same checks on the CPU (memory check skipped) with fewer examples: a dry run.
 
@@ -203,10 +208,99 @@ class _NormSpy(TrainerCallback):
             self.seen.append(max(policy.window_sum) / policy.window_steps)
 
 
+def check_fsdp2(out: str) -> dict:
+    """Runs `fsdp2_worker` under `torch.distributed.run` (one process) and returns what it wrote."""
+    import os
+    import subprocess
+
+    result = Path(out) / "fsdp2.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", __file__,
+               "--fsdp2-worker", str(result)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    if done.returncode != 0:
+        return {"error": (done.stdout + done.stderr)[-2000:]}
+    return json.loads(result.read_text())
+
+
+class _FsdpTrainer(FreezeTrainer):
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if not CUDA:  # Accelerate 1.15 enables FSDP on GPU set-ups only
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            self.accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+
+
+class _RankBytes(TrainerCallback):
+    """Per optimizer step: the boundary, and the bytes this rank holds in parameters, gradients and optimizer state."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int | None, dict]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from hf_freeze import frozen_boundary
+        from hf_freeze.fsdp import rank_memory
+
+        self.steps.append((frozen_boundary(model), rank_memory(model, optimizer)))
+
+
+def fsdp2_worker(path: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from hf_freeze.checkpoint import load_suffix, save_pretrained, save_suffix
+
+    n_train, n_eval = (512, 64) if CUDA else (64, 16)
+    train, test, collator = data(n_train, n_eval)
+    with tempfile.TemporaryDirectory() as out:
+        fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]},
+                    per_device_train_batch_size=32 if CUDA else 8)
+        trainer = _FsdpTrainer(model=model(), args=args(f"{out}/fsdp", epochs=2, **fsdp), train_dataset=train,
+                               data_collator=collator,
+                               freeze_config=FreezeConfig(policy="gradnorm", interval_steps=2, cache="on"))
+        timer, memory = SyncedStepTimer(), _RankBytes()
+        trainer.add_callback(timer)
+        trainer.add_callback(memory)
+        trainer.train()
+        sharded = trainer.model
+        blocks = get_layout(sharded).blocks
+        by_boundary: dict[str, dict] = {}
+        for boundary, held in memory.steps:  # world size 1: nothing is reduce-scattered, but state is released
+            by_boundary.setdefault(str(boundary), held)
+        sharded.eval()
+        batch = {k: v.to(trainer.args.device) for k, v in collator([test[i] for i in range(8)]).items()
+                 if k != "labels"}
+        with torch.no_grad():
+            expected = sharded(**batch).logits.float().cpu()
+        save_suffix(sharded, f"{out}/suffix")
+        save_pretrained(sharded, f"{out}/full")
+        base = AutoModelForSequenceClassification.from_pretrained(f"{out}/full").to(trainer.args.device)
+        loaded = load_suffix(f"{out}/suffix", base=base)
+        with torch.no_grad():
+            got = loaded(**batch).logits.float().cpu()
+        summary = {
+            "blocks_sharded": all(isinstance(p, DTensor) for b in blocks for p in b.parameters()),
+            "model_class": type(sharded).__name__,
+            "rank_bytes_by_boundary": by_boundary,
+            "timeline": [(e["step"], e["boundary"]) for e in trainer.freeze_callback.timeline],
+            "cache_hits": trainer.boundary_states.stats.hits if trainer.boundary_states else 0,
+            "median_step_ms": 1000 * statistics.median(timer.seconds),
+            "suffix_logits_max_diff": float((got - expected).abs().max()),
+        }
+    Path(path).write_text(json.dumps(summary))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="also write the summary as JSON here")
+    parser.add_argument("--fsdp2-worker", default=None, help=argparse.SUPPRESS)
     cli = parser.parse_args()
+    if cli.fsdp2_worker:
+        fsdp2_worker(cli.fsdp2_worker)
+        return
     started = time.perf_counter()
     n_train, n_eval = (2048, 512) if CUDA else (128, 64)
     train, test, collator = data(n_train, n_eval)
@@ -218,7 +312,8 @@ def main() -> None:
                             ("step_time", lambda: check_step_time(out, train, collator)),
                             ("cache_auto", lambda: check_auto(out, train, collator)),
                             ("bf16", lambda: check_bf16(out, train, test, collator)),
-                            ("fp16", lambda: check_fp16(out, train, collator))):
+                            ("fp16", lambda: check_fp16(out, train, collator)),
+                            ("fsdp2", lambda: check_fsdp2(out))):
             try:
                 summary[name] = check()
             except Exception as error:  # one failed check must not hide the others' results

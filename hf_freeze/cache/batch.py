@@ -4,6 +4,8 @@ For each example of a batch (digested once):
 - a cache entry at the current boundary `k` is a *hit*, read and re-padded;
 - an entry at an older boundary `b < k` is *advanced*: only blocks `[b, k)` run, from the cached states;
 - otherwise it is a *miss*: the frozen prefix runs for those examples only.
+Under FSDP2 (`lockstep`) a batch reads the cache only when every rank's whole batch hits; otherwise every rank
+computes its whole batch, so that all ranks run the same sharded modules in the same order.
 States are stored without their trailing padding (what the input digest leaves out too) and re-padded into the
 batch's own length (zeros at trailing padded positions, which no real position reads). Leading (left) padding is
 part of an example's identity, so its states are kept.
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..fsdp import all_ranks_agree
 from ..layout import execution_device
 from .keys import example_digests, last_real_positions
 from .runner import PrefixRunner
@@ -162,6 +165,9 @@ class BatchCache:
         label_names (`Iterable[str]`): batch entries that are targets, not model inputs of the prefix.
         mode (`str`): `"auto"`, `"on"` or `"off"` (see the module docstring).
         cache_eval (`bool`): also cache evaluation batches.
+        lockstep (`bool`): every rank takes the same path for each batch (FSDP2, where the frozen blocks'
+            forwards are collectives): cached states only when every rank's whole batch hits, else every rank
+            computes its whole batch; `"auto"` verdicts are AND-ed across ranks.
 
     Example:
         ```python
@@ -180,6 +186,7 @@ class BatchCache:
         *,
         mode: str = "on",
         cache_eval: bool = True,
+        lockstep: bool = False,
     ) -> None:
         if mode not in CACHE_MODES:
             raise ValueError(f"The cache mode must be one of {list(CACHE_MODES)}, got {mode!r}.")
@@ -188,6 +195,7 @@ class BatchCache:
         self.label_names = set(label_names) | {"labels", "label", "label_ids"}
         self.mode = mode
         self.cache_eval = cache_eval
+        self.lockstep = lockstep
         self.stats = CacheStats()
         self.verdict = CacheVerdict()
         self.state_dtype: torch.dtype | None = None
@@ -254,7 +262,13 @@ class BatchCache:
         read_started = _now(device, deciding)
         key_list: list[int] = keys.tolist()  # read back once: the Trainer may have moved the keys to the device
         entries = [self.cache.get(key, digest, boundary) for key, digest in zip(key_list, digests)]
-        if not store and all(entry is None for entry in entries):
+        nothing_to_do = not store and all(entry is None for entry in entries)
+        if self.lockstep:  # FSDP2: every rank must run the same modules (their all-gathers pair up across ranks)
+            all_hit = all(entry is not None and entry.boundary == boundary for entry in entries)
+            all_hit, nothing_to_do = all_ranks_agree(all_hit, nothing_to_do)
+            if not all_hit:
+                entries = [None] * len(entries)  # compute the whole batch, as every other rank does
+        if nothing_to_do:
             return None  # nothing to read, nothing to keep: the plain forward does the same work for less
         per_example: list[torch.Tensor | None] = [None] * len(digests)
         to_advance: dict[int, list[int]] = defaultdict(list)
@@ -309,7 +323,9 @@ class BatchCache:
             samples.append(compute)
             self.stats.seconds_per_token[boundary] = statistics.median(samples)
         if self.mode == "auto":
-            self.verdict.record(boundary, read=read, compute=compute)
+            verdict = self.verdict.record(boundary, read=read, compute=compute)
+            if verdict is not None and self.lockstep:  # ranks time differently: the cache is on only if on for all
+                self.verdict.verdicts[boundary] = all_ranks_agree(verdict)[0]
 
     def _keep(self, per_example, rows, states, kept, keys, digests, boundary, store) -> None:
         self.state_dtype = states.dtype

@@ -41,6 +41,7 @@ from torch import nn
 from ..atomic import write_text_atomic
 from ..fingerprint import prefix_fingerprint
 from ..freezing import frozen_boundary
+from ..fsdp import model_class
 from ..layout import BlockLayout
 
 logger = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ def model_fingerprint(model: nn.Module, layout: BlockLayout, dtype: str) -> str:
     config_values = config.to_dict() if config is not None else {}
     values = {k: v for k, v in config_values.items() if k not in _CONFIG_KEYS_IGNORED}
     description = {
-        "class": type(model).__name__,
+        "class": model_class(model).__name__,  # the same with or without FSDP2's `FSDP<Model>` class
         "config": values,
         "attn": getattr(config, "_attn_implementation", None),
         "blocks": layout.blocks_path,

@@ -63,6 +63,7 @@ from starlette.exceptions import HTTPException
 
 from . import schemas
 from .batching import DynamicBatcher
+from .context import RouteContext
 from .engine import ServedModel, ServingEngine
 from .requests import (
     ClientClosedError,
@@ -299,6 +300,12 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         queued.set(batcher.queued)
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls
+    from . import hf_compat, openai
+    context = RouteContext(engine, tokenizer, parse, run, generation_requests, start_stream, app.router.route_class)
+    app.include_router(openai.router(context))
+    app.include_router(hf_compat.router(context))
+    app.add_middleware(openai.OpenAIErrors)
     return app
 
 

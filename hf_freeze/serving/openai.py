@@ -40,11 +40,11 @@ from fastapi.responses import Response, StreamingResponse
 from . import schemas
 from .app import _json_answer, _stream_error
 from .context import RouteContext
-from .openai_schemas import ChatBody, CompletionBody, EmbeddingBody
+from .openai_schemas import ChatBody, CompletionBody, EmbeddingBody, OpenAIErrorBody
 from .requests import EmbedRequest, ServingError
 
 _FINISH = {"eos": "stop", "length": "length"}
-_ERRORS = {status: {"model": schemas.ErrorBody} for status in (404, 413, 415, 422, 424, 429, 500, 503)}
+_ERRORS = {status: {"model": OpenAIErrorBody} for status in (404, 413, 415, 422, 424, 429, 500, 503)}
 
 
 def router(context: RouteContext) -> APIRouter:

@@ -123,3 +123,17 @@ class EmbeddingBody(_Body):
     unsupported = {"dimensions": (None,)}
 
 
+
+
+class OpenAIError(BaseModel):
+    message: str = Field(description="what went wrong and how to fix it")
+    type: str = Field(description="invalid_request_error, or server_error for a 5xx")
+    param: str | None = None
+    code: str = Field(description="the native error_type (unknown_model, validation, wrong_task, ...)")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every 4xx and 5xx under `/v1`: OpenAI's error shape, the native `error_type` beside it."""
+
+    error: OpenAIError
+    error_type: str

@@ -211,5 +211,40 @@ def test_text_generation_client(server):
         client.generate(PROMPT, max_new_tokens=2, best_of=2, do_sample=True)
     with pytest.raises(text_generation.errors.ValidationError, match="max_new_tokens"):
         client.generate(PROMPT, max_new_tokens=10**9)
+    fine_tune = text_generation.Client(f"{url}/models/k1", timeout=60).generate(PROMPT, max_new_tokens=7)
+    assert [t.id for t in fine_tune.details.tokens] == _greedy(models["k1"], ids, 7)
     with pytest.raises(text_generation.errors.NotFoundError, match="Unknown model"):
         text_generation.Client(f"{url}/models/nope").generate(PROMPT, max_new_tokens=2)
+
+
+def test_finish_reasons_when_eos_ends_generation(server):
+    """With the model's EOS set to its first greedy token, every client sees generation end on EOS, in its own words
+    (TGI: `eos_token`, OpenAI: `stop`)."""
+    url, engine, models, tokenizer = server
+    ids = tokenizer(PROMPT)["input_ids"]
+    first = _greedy(models["base"], ids, 1)[0]
+    config = engine.models["base"].model.generation_config
+    eos, config.eos_token_id = config.eos_token_id, first
+    try:
+        answer = text_generation.Client(url, timeout=60).generate(PROMPT, max_new_tokens=5)
+        assert answer.details.finish_reason.value == "eos_token" and answer.details.generated_tokens == 1
+        hf = InferenceClient(base_url=url)  # held: the client closes its streams when it is collected
+        streamed = list(hf.text_generation(PROMPT, max_new_tokens=5, stream=True, details=True))
+        assert len(streamed) == 1 and streamed[-1].details.finish_reason == "eos_token"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
+        assert client.completions.create(model="base", prompt=PROMPT, max_tokens=5).choices[0].finish_reason == "stop"
+    finally:
+        config.eos_token_id = eos
+
+
+def test_streamed_text_deltas_never_split_a_character():
+    """A character spread over several byte-level tokens arrives whole: the deltas concatenate to the decoded text
+    (without holding back a trailing replacement character they would not)."""
+    from hf_freeze.serving.openai import _TextDeltas
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_path("smollm2"))
+    ids = tokenizer("ok 😀 🧊", add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tokenizer.decode(ids[:j]) for j in range(1, len(ids)))  # a split character in the middle
+    deltas = _TextDeltas(tokenizer)
+    pieces = [deltas.add(t, final=j == len(ids) - 1) for j, t in enumerate(ids)]
+    assert "".join(pieces) == tokenizer.decode(ids) and not any("\ufffd" in p for p in pieces)

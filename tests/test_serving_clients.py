@@ -4,7 +4,11 @@ the engine's or the model's own; errors come back as each client's own exception
 
 from __future__ import annotations
 
+import base64
+import time
+
 import httpx
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -46,8 +50,9 @@ def server():
     engine = ServingEngine(base, cache_bytes=0)
     for name in ("k1", "clf", "emb"):
         engine.add_model(name, models[name])
-    with serve_in_thread(create_app(engine, tokenizer=tokenizer, max_wait_ms=1)) as url:
-        yield url, engine, models, tokenizer
+    app = create_app(engine, tokenizer=tokenizer, max_wait_ms=1)
+    with serve_in_thread(app) as url:
+        yield url, engine, models, tokenizer, app
 
 
 def _greedy(model, ids, max_new_tokens):
@@ -62,7 +67,7 @@ PROMPT = "The frozen prefix is shared by"
 
 # ------------------------------------------------------------------------------------------------------ openai
 def test_openai_models_and_embeddings(server):
-    url, engine, _, tokenizer = server
+    url, engine, _, tokenizer, *_ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
     listed = {m.id: m for m in client.models.list().data}
     assert set(listed) == {"base", "k1", "clf", "emb"}
@@ -76,10 +81,13 @@ def test_openai_models_and_embeddings(server):
         for item, vector in zip(answer.data, expected, strict=True):
             torch.testing.assert_close(torch.tensor(item.embedding), vector, rtol=TOL, atol=TOL)
         assert answer.usage.prompt_tokens == sum(len(i) for i in ids)
+    raw = httpx.post(f"{url}/v1/embeddings", json={"model": "emb", "input": texts[0], "encoding_format": "base64"})
+    decoded = np.frombuffer(base64.b64decode(raw.json()["data"][0]["embedding"]), dtype="<f4")
+    torch.testing.assert_close(torch.from_numpy(decoded.copy()), expected[0], rtol=TOL, atol=TOL)
 
 
 def test_openai_completions_greedy_streamed_and_usage(server):
-    url, _, models, tokenizer = server
+    url, _, models, tokenizer, *_ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
     ids = tokenizer(PROMPT)["input_ids"]
     for name in ("k1", "base"):
@@ -99,7 +107,7 @@ def test_openai_completions_greedy_streamed_and_usage(server):
 
 
 def test_openai_chat_completion_uses_the_chat_template(server):
-    url, _, models, tokenizer = server
+    url, _, models, tokenizer, *_ = server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x")
     messages = [{"role": "user", "content": "Which blocks are frozen?"}]
     answer = client.chat.completions.create(model="k1", messages=messages, max_tokens=5, temperature=0)
@@ -138,6 +146,8 @@ def test_openai_errors_are_the_clients_exceptions(server):
     assert error.value.status_code == 424
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="text")
+    with pytest.raises(openai.UnprocessableEntityError, match="`dimensions`"):
+        client.embeddings.create(model="emb", input="text", dimensions=8)
     raw = httpx.post(f"{url}/v1/completions", content=b"{", headers={"content-type": "application/json"})
     assert raw.status_code == 422 and raw.json()["error"]["code"] == raw.json()["error_type"] == "validation"
     assert httpx.get(f"{url}/v1/nope").json()["error"]["code"] == "not_found"
@@ -155,7 +165,7 @@ def _loopback_allowed(monkeypatch):
 
 
 def test_inference_client_feature_extraction_and_classification(server):
-    url, engine, models, tokenizer = server
+    url, engine, models, tokenizer, *_ = server
     texts = ["a first text", "and a second one"]
     vectors = InferenceClient(base_url=f"{url}/models/emb").feature_extraction(texts)
     expected = engine.embed([EmbedRequest(tokenizer(t)["input_ids"], model="emb") for t in texts])
@@ -172,7 +182,7 @@ def test_inference_client_feature_extraction_and_classification(server):
 
 
 def test_inference_client_text_generation(server):
-    url, _, models, tokenizer = server
+    url, _, models, tokenizer, *_ = server
     client = InferenceClient(base_url=url)
     ids = tokenizer(PROMPT)["input_ids"]
     own = _greedy(models["k1"], ids, 6)
@@ -194,7 +204,7 @@ def test_inference_client_text_generation(server):
 
 
 def test_text_generation_client(server):
-    url, _, models, tokenizer = server
+    url, _, models, tokenizer, *_ = server
     client = text_generation.Client(url, timeout=60)
     ids = tokenizer(PROMPT)["input_ids"]
     own = _greedy(models["base"], ids, 7)
@@ -220,7 +230,7 @@ def test_text_generation_client(server):
 def test_finish_reasons_when_eos_ends_generation(server):
     """With the model's EOS set to its first greedy token, every client sees generation end on EOS, in its own words
     (TGI: `eos_token`, OpenAI: `stop`)."""
-    url, engine, models, tokenizer = server
+    url, engine, models, tokenizer, *_ = server
     ids = tokenizer(PROMPT)["input_ids"]
     first = _greedy(models["base"], ids, 1)[0]
     config = engine.models["base"].model.generation_config
@@ -248,3 +258,42 @@ def test_streamed_text_deltas_never_split_a_character():
     deltas = _TextDeltas(tokenizer)
     pieces = [deltas.add(t, final=j == len(ids) - 1) for j, t in enumerate(ids)]
     assert "".join(pieces) == tokenizer.decode(ids) and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/"])
+def test_a_client_that_leaves_a_stream_stops_its_row(server, route):
+    url, *_, app = server
+    body = {"/v1/completions": {"model": "k1", "prompt": PROMPT, "max_tokens": 100, "stream": True},
+            "/v1/chat/completions": {"model": "k1", "messages": [{"role": "user", "content": "Hi"}],
+                                     "max_tokens": 100, "stream": True},
+            "/": {"inputs": PROMPT, "parameters": {"max_new_tokens": 100, "adapter_id": "k1"}, "stream": True}}[route]
+    scheduler = app.state.batcher.scheduler
+    steps = scheduler.steps
+    with httpx.stream("POST", f"{url}{route}", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # the first chunk came: leave
+    deadline = time.monotonic() + 30
+    while scheduler.busy and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not scheduler.busy and scheduler.steps - steps < 90  # the row stopped long before its 100 tokens
+
+
+def test_bad_payloads_on_root_get_the_native_error_body(server):
+    url = server[0]
+    for body, status, error_type, words in (
+            ({"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}, 422, "validation", "parameters.max_new_tokens"),
+            ({"inputs": PROMPT, "parameters": {"beams": 2}}, 422, "validation", "parameters.beams"),
+            ({"inputs": PROMPT, "parameters": {"typical_p": 0.5}}, 422, "validation", "typical_p"),
+            ({"inputs": PROMPT, "stream": True, "normalize": True}, 422, "validation", "feature extraction"),
+            ({"inputs": [PROMPT, PROMPT], "stream": True}, 422, "validation", "one input"),
+            ({"inputs": PROMPT, "parameters": {"adapter_id": "nope"}}, 404, "unknown_model", "nope"),
+            ({"inputs": PROMPT, "parameters": {"function_to_apply": "softmax"}}, 424, "wrong_task", "cannot predict"),
+            ({"inputs": ""}, 422, "validation", "inputs")):
+        response = httpx.post(f"{url}/", json=body)
+        assert response.status_code == status, (body, response.text)
+        error = response.json()
+        assert set(error) == {"error", "error_type"} and error["error_type"] == error_type, error
+        assert words in error["error"], error
+    assert httpx.post(f"{url}/models/clf", json={"inputs": "fine", "parameters": {"adapter_id": "emb"}}
+                      ).json()["error_type"] == "validation"

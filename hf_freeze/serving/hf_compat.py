@@ -231,15 +231,18 @@ async def _generate(context: RouteContext, body: RootBody, params: TGIParameters
 async def _tgi_events(events: AsyncIterator[dict[str, Any]], seed: int | None, input_length: int
                       ) -> AsyncIterator[str]:
     """The native stream's events in TGI's words (errors pass through: they are already TGI's shape)."""
-    async for event in events:
-        if "token" in event:
-            event["token"]["text"] = event["token"]["text"] or ""
-            event["top_tokens"] = None
-            if event["details"] is not None:
-                event["details"] = {"finish_reason": _TGI_FINISH[event["details"]["finish_reason"]],
-                                    "generated_tokens": event["details"]["generated_tokens"], "seed": seed,
-                                    "input_length": input_length}
-        yield f"data: {json.dumps(event)}\n\n"
+    try:
+        async for event in events:
+            if "token" in event:
+                event["token"]["text"] = event["token"]["text"] or ""
+                event["top_tokens"] = None
+                if event["details"] is not None:
+                    event["details"] = {"finish_reason": _TGI_FINISH[event["details"]["finish_reason"]],
+                                        "generated_tokens": event["details"]["generated_tokens"], "seed": seed,
+                                        "input_length": input_length}
+            yield f"data: {json.dumps(event)}\n\n"
+    finally:
+        await events.aclose()  # the client left: the native stream cancels its row
 
 
 def _validated(model: type[_Strict], parameters: dict[str, Any]) -> Any:

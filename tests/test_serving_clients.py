@@ -121,6 +121,9 @@ def test_openai_chat_completion_uses_the_chat_template(server):
                                                    stream=True))
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == answer.choices[0].message.content
+    hf = InferenceClient(base_url=url)  # huggingface_hub's chat_completion posts to /v1/chat/completions
+    with_hf = hf.chat_completion(messages, model="k1", max_tokens=5, temperature=0)
+    assert with_hf.choices[0].message.content == answer.choices[0].message.content
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
         with pytest.raises(openai.UnprocessableEntityError, match="chat template"):

@@ -13,6 +13,9 @@ servers (text-embeddings-inference, text-generation-inference). Bodies are the p
 | `GET /info` | | base, fingerprint, models (boundary, tasks, labels), limits |
 | `GET /metrics` | | Prometheus text |
 
+Stock clients work unchanged: OpenAI's through `/v1/...` (`openai.py`), Hugging Face's `InferenceClient` and
+`text_generation.Client` through `POST /` and `POST /models/{model}` (`hf_compat.py`).
+
 Generation `parameters` (`schemas.GenerateParameters`): `max_new_tokens`, `do_sample`, `temperature`, `top_k`,
 `top_p`, `seed`, `stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
 Everything else (repetition penalty, n-gram blocking, min length, EOS ids, and the length when `max_new_tokens` is

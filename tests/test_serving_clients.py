@@ -20,7 +20,11 @@ from hf_freeze.serving import EmbedRequest, ServingEngine
 from hf_freeze.serving.app import create_app, serve_in_thread
 
 openai = pytest.importorskip("openai")
-text_generation = pytest.importorskip("text_generation")
+try:  # installed with --no-deps by scripts/setup.sh (it pins huggingface_hub<1)
+    import text_generation
+except ImportError:
+    text_generation = None
+needs_tgi_client = pytest.mark.skipif(text_generation is None, reason="pip install --no-deps text-generation")
 from huggingface_hub import InferenceClient  # noqa: E402
 from huggingface_hub.errors import HfHubHTTPError, UnknownError, ValidationError  # noqa: E402
 
@@ -206,6 +210,7 @@ def test_inference_client_text_generation(server):
         client.text_generation(PROMPT, max_new_tokens=2, watermark=True)
 
 
+@needs_tgi_client
 def test_text_generation_client(server):
     url, _, models, tokenizer, *_ = server
     client = text_generation.Client(url, timeout=60)
@@ -230,6 +235,7 @@ def test_text_generation_client(server):
         text_generation.Client(f"{url}/models/nope").generate(PROMPT, max_new_tokens=2)
 
 
+@needs_tgi_client
 def test_finish_reasons_when_eos_ends_generation(server):
     """With the model's EOS set to its first greedy token, every client sees generation end on EOS, in its own words
     (TGI: `eos_token`, OpenAI: `stop`)."""

@@ -105,6 +105,9 @@ def test_openai_completions_greedy_streamed_and_usage(server):
         assert "".join(c.choices[0].text for c in chunks if c.choices) == answer.choices[0].text
         assert chunks[-1].usage.completion_tokens == len(own)
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == answer.choices[0].finish_reason
+    sampled = [client.completions.create(model="k1", prompt=PROMPT, max_tokens=5, temperature=0.9, seed=3
+                                         ).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
     batch = client.completions.create(model="k1", prompt=[ids, ids[:3]], max_tokens=3)  # token ids, two prompts
     assert [c.index for c in batch.choices] == [0, 1]
     assert batch.choices[0].text == tokenizer.decode(_greedy(models["k1"], ids, 3), skip_special_tokens=True)
@@ -204,6 +207,8 @@ def test_inference_client_text_generation(server):
     assert streamed[-1].details.finish_reason == detailed.details.finish_reason
     assert client.text_generation(PROMPT, max_new_tokens=6) == tokenizer.decode(_greedy(models["base"], ids, 6),
                                                                                 skip_special_tokens=True)
+    full = client.text_generation(PROMPT, max_new_tokens=6, adapter_id="k1", return_full_text=True)
+    assert full == tokenizer.decode(ids, skip_special_tokens=True) + text
     with pytest.raises(UnknownError, match="Unknown model 'nope'"):  # the client's own error for the 404
         client.text_generation(PROMPT, max_new_tokens=2, adapter_id="nope")
     with pytest.raises(ValidationError, match="watermark"):
@@ -223,6 +228,10 @@ def test_text_generation_client(server):
     streamed = list(client.generate_stream(PROMPT, max_new_tokens=7))
     assert [s.token.id for s in streamed] == own and streamed[-1].generated_text == answer.generated_text
     assert streamed[-1].details.finish_reason == answer.details.finish_reason
+    cut = client.generate(PROMPT, max_new_tokens=3, truncate=2)  # TGI's truncate: the prompt's last 2 tokens
+    assert [t.id for t in cut.details.tokens] == _greedy(models["base"], ids[-2:], 3)
+    sampled = [client.generate(PROMPT, max_new_tokens=5, temperature=0.9, seed=7).generated_text for _ in range(2)]
+    assert sampled[0] == sampled[1]  # a warper turns sampling on (TGI's rule); the seed makes it repeatable
     with pytest.raises(text_generation.errors.ValidationError, match="stop"):
         client.generate(PROMPT, max_new_tokens=2, stop_sequences=["\n"])
     with pytest.raises(text_generation.errors.ValidationError, match="best_of"):

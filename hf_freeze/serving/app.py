@@ -303,7 +303,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         queued.set(batcher.queued)
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls
+    # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls (imported
+    # here: they import this module)
     from . import hf_compat, openai
     context = RouteContext(engine, tokenizer, parse, run, generation_requests, start_stream, app.router.route_class)
     app.include_router(openai.router(context))

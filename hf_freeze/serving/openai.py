@@ -59,7 +59,7 @@ def router(context: RouteContext) -> APIRouter:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "hf_freeze", "parent": m.parent,
              "root": engine.base_name, "tasks": list(m.tasks), "max_model_len": m.max_input_tokens}
-            for name, m in engine.models.items()]}
+            for name, m in list(engine.models.items())]}  # a snapshot: fine-tunes may be added meanwhile
 
     @api.post("/embeddings", responses=_ERRORS)
     async def embeddings(body: EmbeddingBody) -> Response:

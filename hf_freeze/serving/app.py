@@ -13,6 +13,9 @@ servers (text-embeddings-inference, text-generation-inference). Bodies are the p
 | `GET /info` | | base, fingerprint, models (boundary, tasks, labels), limits |
 | `GET /metrics` | | Prometheus text |
 
+Stock clients work unchanged: OpenAI's through `/v1/...` (`openai.py`), Hugging Face's `InferenceClient` and
+`text_generation.Client` through `POST /` and `POST /models/{model}` (`hf_compat.py`).
+
 Generation `parameters` (`schemas.GenerateParameters`): `max_new_tokens`, `do_sample`, `temperature`, `top_k`,
 `top_p`, `seed`, `stop_token_ids`; `details` holds `finish_reason` (`eos` or `length`) and `generated_tokens`.
 Everything else (repetition penalty, n-gram blocking, min length, EOS ids, and the length when `max_new_tokens` is
@@ -63,6 +66,7 @@ from starlette.exceptions import HTTPException
 
 from . import schemas
 from .batching import DynamicBatcher
+from .context import RouteContext
 from .engine import ServedModel, ServingEngine
 from .requests import (
     ClientClosedError,
@@ -299,6 +303,13 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         queued.set(batcher.queued)
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls (imported
+    # here: they import this module)
+    from . import hf_compat, openai
+    context = RouteContext(engine, tokenizer, parse, run, generation_requests, start_stream, app.router.route_class)
+    app.include_router(openai.router(context))
+    app.include_router(hf_compat.router(context))
+    app.add_middleware(openai.OpenAIErrors)
     return app
 
 

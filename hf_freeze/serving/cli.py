@@ -17,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="serve a base model and its frozen-prefix fine-tunes over HTTP",
         description="Serve a base and any number of its fine-tunes; batches that mix fine-tunes run the frozen "
                     "prefix they share once. Routes: POST /predict /embed /score /generate, GET /health /info "
-                    "/metrics; POST /generate_stream (server-sent events).")
+                    "/metrics; POST /generate_stream (server-sent events); /v1/... for OpenAI's client and POST / for "
+                    "huggingface_hub's InferenceClient and text_generation's Client.")
     parser.add_argument("--base", required=True,
                         help="base model folder (or a packaged short name: minilm, mpnet, smollm2)")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",

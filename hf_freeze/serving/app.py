@@ -56,14 +56,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from . import schemas
+from .admin import admin_router
 from .batching import DynamicBatcher
 from .engine import ServedModel, ServingEngine
+from .fanout import fanout_models
+from .metrics import ServingMetrics
 from .requests import (
     ClientClosedError,
     EmbedRequest,
@@ -86,7 +89,7 @@ _STREAM_ERRORS = {status: {"content": {"application/json": {"schema": {"$ref": "
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
                max_batch_tokens: int = 8192, max_client_batch_size: int = 32, max_queue: int = 1024,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_body_bytes: int = 1 << 20, admin_token: str | None = None) -> FastAPI:
     """The FastAPI app; the batcher starts with the app (lifespan) and stops with it.
 
     Args:
@@ -95,6 +98,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         max_wait_ms, max_batch_tokens, max_queue: the `DynamicBatcher`'s limits.
         max_client_batch_size (`int`, defaults to 32): inputs per request at most (413 beyond).
         max_body_bytes (`int`, defaults to 1 MiB): request bodies at most (413 beyond).
+        admin_token (`str`, *optional*): turns on the admin routes (`admin.py`: load and remove fine-tunes while
+            serving) for requests bearing it; without it they answer 404.
 
     Example:
         ```python
@@ -105,11 +110,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     if max_client_batch_size < 1 or max_body_bytes < 1:
         raise ValueError(f"Need max_client_batch_size >= 1 and max_body_bytes >= 1; got {max_client_batch_size}, "
                          f"{max_body_bytes}.")
-    registry = CollectorRegistry()
-    requests_total = Counter("hf_freeze_requests", "HTTP requests by route and status", ["route", "status"],
-                             registry=registry)
-    latency = Histogram("hf_freeze_request_duration_seconds", "Request latency by route", ["route"],
-                        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+    observed = ServingMetrics(engine)
+    registry = observed.registry
     batch_size = Histogram("hf_freeze_batch_size", "Inputs per engine batch", ["task"], registry=registry,
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
     batch_tokens = Histogram("hf_freeze_batch_tokens", "Tokens per engine batch", ["task"], registry=registry,
@@ -122,7 +124,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         batch_tokens.labels(task).observe(tokens)
 
     batcher = DynamicBatcher(engine, max_wait_ms=max_wait_ms, max_batch_tokens=max_batch_tokens,
-                             max_queue=max_queue, on_batch=on_batch)
+                             max_queue=max_queue, on_batch=on_batch, on_timing=observed.on_timing)
     limits = {"max_batch_tokens": max_batch_tokens, "max_client_batch_size": max_client_batch_size,
               "max_wait_ms": max_wait_ms, "max_queue": max_queue, "max_body_bytes": max_body_bytes}
 
@@ -133,8 +135,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
 
     app = FastAPI(title="hf_freeze serving", lifespan=lifespan, strict_content_type=False)
     app.router.route_class = _json_route(max_body_bytes)
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, observed
     _add_error_handlers(app)
+    app.include_router(admin_router(engine, admin_token, on_removed=observed.forget))
 
     @app.middleware("http")
     async def measure(request: HttpRequest, call_next):
@@ -145,8 +148,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             logger.exception("Internal error on %s %s", request.method, request.url.path)
             response = _internal_error()
         route = request.url.path if request.url.path in (*_ROUTE_TASKS, "/health", "/info", "/metrics") else "other"
-        requests_total.labels(route, str(response.status_code)).inc()
-        latency.labels(route).observe(time.perf_counter() - started)
+        observed.observe_request(route, response.status_code, getattr(request.state, "models", ()),
+                                time.perf_counter() - started)
         return response
 
     def token_lists(inputs: Any, truncate: bool, served_limit: int | None, keep_last: bool = False
@@ -193,29 +196,45 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         finally:
             watcher.cancel()
 
-    async def parse(body: Any, task: str, new_tokens: int = 0) -> tuple[ServedModel, list[list[int]], bool]:
-        """The served model `body` names for `task`, its inputs as token ids, and whether it sent one."""
-        served = engine.model_for(body.model, task)
-        limit = served.max_input_tokens
+    async def parse(body: Any, task: str, client: HttpRequest, new_tokens: int = 0
+                    ) -> tuple[list[ServedModel], list[list[int]], bool]:
+        """The served models `body` names for `task` (`model`, or a fan-out's `models`), its inputs as token ids,
+        and whether it sent one."""
+        served = fanout_models(engine, body, task)
+        client.state.models = [m.name for m in served]
+        limits = [m.max_input_tokens for m in served if m.max_input_tokens]
+        limit = min(limits) if limits else None
         if limit and 0 < new_tokens < limit:  # a prompt continues from its end, and leaves room for the new tokens
             limit -= new_tokens
+        started = time.perf_counter()
         ids, single = await run_in_threadpool(token_lists, body.inputs, body.truncate, limit, task == "generate")
+        observed.observe_phase("tokenize", time.perf_counter() - started)
+        for m in served:
+            observed.observe_tokens(m.name, task, sum(map(len, ids)))
         return served, ids, single
 
-    async def generation_requests(body: schemas.GenerateBody) -> tuple[list[GenerationRequest], bool]:
+    async def run_each(body: Any, task: str, client: HttpRequest, make: Callable[[list[int], str], Request]
+                       ) -> tuple[list[ServedModel], list[list[int]], bool, list[list[Any]]]:
+        """Every input of `body` through every model it names, as one submission (so one batch: the prefix runs
+        once per distinct input): the models, the inputs, whether it sent one, and the answers per model."""
+        served, ids, single = await parse(body, task, client)
+        flat = await run(task, [make(i, m.name) for m in served for i in ids])
+        return served, ids, single, [flat[j * len(ids):(j + 1) * len(ids)] for j in range(len(served))]
+
+    async def generation_requests(body: schemas.GenerateBody, client: HttpRequest
+                                  ) -> tuple[list[GenerationRequest], bool]:
         """One `GenerationRequest` per input of a /generate or /generate_stream body, and whether it sent one."""
         params = (body.parameters or schemas.GenerateParameters()).model_dump()
         # a truncated prompt leaves room for its new tokens (without `max_new_tokens`: one at least)
-        served, ids, single = await parse(body, "generate", params["max_new_tokens"] or 1)
+        (served,), ids, single = await parse(body, "generate", client, params["max_new_tokens"] or 1)
         return [GenerationRequest(i, model=served.name, **params) for i in ids], single
 
     @app.post("/predict", response_model=schemas.PredictResponse, responses=_ERRORS)
-    async def predict(body: schemas.PredictBody) -> Response:
-        served, ids, single = await parse(body, "predict")
-        logits = await run("predict", [Request(i, model=served.name) for i in ids])
-        id2label = served.model.config.id2label
+    async def predict(body: schemas.PredictBody, client: HttpRequest) -> Response:
+        served, _, single, results = await run_each(body, "predict", client, lambda i, m: Request(i, model=m))
 
-        def answer() -> Any:
+        def answer(model: ServedModel, logits: list[Any]) -> Any:
+            id2label = model.model.config.id2label
             answers = []
             for row in logits:
                 scores = row if body.raw_scores else row.softmax(-1)
@@ -223,29 +242,30 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
                 answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
             return answers[0] if single else answers
 
-        return await _json_answer(answer)
+        return await _json_answer(lambda: _keyed(body, served, results, answer), observed)
 
     @app.post("/embed", response_model=schemas.EmbedResponse, responses=_ERRORS)
-    async def embed(body: schemas.EmbedBody) -> Response:
-        served, ids, _ = await parse(body, "embed")
-        vectors = await run("embed", [EmbedRequest(i, model=served.name, normalize=body.normalize) for i in ids])
-        return await _json_answer(lambda: [v.tolist() for v in vectors])
+    async def embed(body: schemas.EmbedBody, client: HttpRequest) -> Response:
+        served, _, _, results = await run_each(body, "embed", client,
+                                               lambda i, m: EmbedRequest(i, model=m, normalize=body.normalize))
+        return await _json_answer(lambda: _keyed(body, served, results, lambda _, vs: [v.tolist() for v in vs]),
+                                  observed)
 
     @app.post("/score", response_model=schemas.ScoreResponse, responses=_ERRORS)
-    async def score(body: schemas.ScoreBody) -> Response:
-        served, ids, single = await parse(body, "score")
-        scores = await run("score", [Request(i, model=served.name) for i in ids])
+    async def score(body: schemas.ScoreBody, client: HttpRequest) -> Response:
+        served, ids, single, results = await run_each(body, "score", client, lambda i, m: Request(i, model=m))
 
-        def answer() -> Any:
+        def answer(_: ServedModel, scores: list[Any]) -> Any:
             answers = [{"token_ids": i, "logprobs": s.tolist()} for i, s in zip(ids, scores)]
             return answers[0] if single else answers
 
-        return await _json_answer(answer)
+        return await _json_answer(lambda: _keyed(body, served, results, answer), observed)
 
     @app.post("/generate", response_model=schemas.GenerateResponse, responses={**_ERRORS, 499: _CLIENT_CLOSED})
     async def generate(body: schemas.GenerateBody, request: HttpRequest) -> Response:
-        requests, single = await generation_requests(body)
+        requests, single = await generation_requests(body, request)
         results = await run("generate", requests, client=request)  # a client that leaves stops its rows
+        observed.observe_tokens(requests[0].model, "generate", 0, sum(len(r.token_ids) for r in results))
 
         def answer() -> Any:
             answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True)
@@ -254,12 +274,12 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
                        for r in results]
             return answers[0] if single else answers
 
-        return await _json_answer(answer)
+        return await _json_answer(answer, observed)
 
-    async def start_stream(body: schemas.GenerateBody) -> tuple[Future, asyncio.Queue]:
+    async def start_stream(body: schemas.GenerateBody, client: HttpRequest) -> tuple[Future, asyncio.Queue]:
         """Validate and queue the one input of a /generate_stream body: its future and the queue its tokens arrive
         on (`None` once it is done). A dependency, so it runs before the response starts: a bad body gets its 4xx."""
-        requests, single = await generation_requests(body)
+        requests, single = await generation_requests(body, client)
         if not single:
             raise ServingError("/generate_stream takes one input; send a list to /generate instead.")
         loop = asyncio.get_running_loop()
@@ -411,9 +431,25 @@ def _encode(tokenizer: Any, text: str, limit: int | None, keep_last: bool) -> li
     return ids
 
 
-async def _json_answer(answer: Callable[[], Any]) -> Response:
+async def _json_answer(answer: Callable[[], Any], metrics: ServingMetrics) -> Response:
     """`answer()` built and written as JSON in a worker thread (a batch of vectors is megabytes of text)."""
-    return Response(await run_in_threadpool(lambda: json.dumps(answer()).encode()), media_type="application/json")
+
+    def write() -> bytes:
+        started = time.perf_counter()
+        raw = json.dumps(answer()).encode()
+        metrics.observe_phase("serialize", time.perf_counter() - started)
+        return raw
+
+    return Response(await run_in_threadpool(write), media_type="application/json")
+
+
+def _keyed(body: Any, served: list[ServedModel], results: list[list[Any]],
+           answer: Callable[[ServedModel, list[Any]], Any]) -> Any:
+    """A route's answer: `answer(model, its results)` for the one model, or for a fan-out (`models` in the body)
+    `{name: answer}` for each model, in the order asked."""
+    if getattr(body, "models", None) is None:
+        return answer(served[0], results[0])
+    return {model.name: answer(model, rows) for model, rows in zip(served, results)}
 
 
 def _error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None

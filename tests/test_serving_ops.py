@@ -17,10 +17,13 @@ from serving_helpers import perturbed_finetune, random_ids
 
 from hf_freeze import freeze_prefix
 from hf_freeze.checkpoint import SUFFIX_WEIGHTS_NAME, save_suffix
-from hf_freeze.serving import ServingEngine
+from hf_freeze.serving import Request, ServingEngine
 from hf_freeze.serving.admin import TOKEN_ENV, admin_token
 from hf_freeze.serving.app import create_app, serve_in_thread
+from hf_freeze.serving.batching import DynamicBatcher
 from hf_freeze.serving.metrics import PHASES
+from hf_freeze.serving.requests import GenerationRequest, UnknownModelError
+from hf_freeze.serving.scheduler import GenerationScheduler
 
 TOL = 1e-5
 TOKEN = "s3cret-admin"
@@ -277,3 +280,50 @@ def test_hot_load_and_remove_under_load(server):
     assert elapsed < 30, f"{total} requests took {elapsed:.1f} s"
     assert "hot2" not in engine.models
     print(f"hot-load: {total} requests in {elapsed:.1f} s, {statuses.count(201)} loads, {served}")
+
+
+def test_requests_queued_for_a_model_removed_meanwhile_get_a_404_and_spare_their_batch():
+    """Requests validated and queued before their model was removed: a clean `UnknownModelError` (404) for them,
+    and the other requests of their batch answered."""
+    base = tiny_model("bert", "seq").eval()
+    k2 = perturbed_finetune("bert", "seq", 2, seed=2, base=base)
+    engine = ServingEngine(base)
+    engine.add_model("k2", k2)
+    engine.add_model("gone", perturbed_finetune("bert", "seq", 1, seed=1, base=base))
+    batcher = DynamicBatcher(engine, max_wait_ms=50)
+    inputs = random_ids(4, 8)
+    futures = batcher.submit("predict", [Request(x, model=n) for x in inputs for n in ("k2", "gone")])
+    engine.remove_model("gone")  # after validation, before the batch runs
+    batcher.start()
+    try:
+        for j, future in enumerate(futures):
+            if j % 2:
+                with pytest.raises(UnknownModelError, match="Unknown model 'gone'"):
+                    future.result(timeout=30)
+            else:
+                torch.testing.assert_close(future.result(timeout=30).softmax(-1), _probs(k2, inputs[j // 2]),
+                                           rtol=TOL, atol=TOL)
+    finally:
+        batcher.stop()
+    assert not engine.cache_counts.get("gone")
+
+
+def test_generations_waiting_for_a_model_removed_meanwhile_get_a_404_and_running_ones_finish():
+    base = tiny_model("llama", "causal").eval()
+    engine = ServingEngine(base)
+    for name, seed in (("k2", 2), ("gone", 3), ("running", 4)):
+        engine.add_model(name, perturbed_finetune("llama", "causal", 2, seed=seed, base=base))
+    scheduler = GenerationScheduler(engine)
+    prompt = random_ids(1, 4)[0]
+    expected = scheduler.generate([GenerationRequest(prompt, model="running", max_new_tokens=6)])[0].token_ids
+    running = scheduler.submit(GenerationRequest(prompt, model="running", max_new_tokens=6))
+    scheduler.step()  # "running" is decoding
+    waiting = [scheduler.submit(GenerationRequest(prompt, model=name, max_new_tokens=3)) for name in ("gone", "k2")]
+    engine.remove_model("gone")
+    engine.remove_model("running")
+    while scheduler.busy:
+        scheduler.step()
+    with pytest.raises(UnknownModelError, match="Unknown model 'gone'"):
+        waiting[0].result(timeout=0)
+    assert len(waiting[1].result(timeout=0).token_ids) == 3
+    assert running.result(timeout=0).token_ids == expected

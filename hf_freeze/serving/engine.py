@@ -241,8 +241,9 @@ class ServingEngine:
 
     def remove_model(self, name: str) -> ServedModel:
         """Stop serving the fine-tune `name` (the base cannot be removed). Waits for the batch that is running;
-        requests for it that are still queued then get an `UnknownModelError` (404), while generations already
-        decoding finish with the model they started with.
+        requests for it that are still queued then get an `UnknownModelError` (404: their batch fails, and the
+        batcher answers its inputs one by one, which validates them again), while generations already decoding
+        finish with the model they started with.
 
         Raises:
             `UnknownModelError`: `name` is not served.
@@ -386,10 +387,6 @@ class ServingEngine:
         """Forward every request for `task`; returns, per request, (its model's output, its row in it)."""
         self.validate(task, requests)
         with self.lock:
-            removed = sorted({self._name(r) for r in requests} - set(self.models))
-            if removed:  # removed (`remove_model`) after its requests were validated and queued
-                raise UnknownModelError(f"Model(s) {removed} were removed while the request waited; served models: "
-                                        f"{sorted(self.models)}.")
             states = self._boundary_states(requests)
             by_model: dict[str, list[int]] = defaultdict(list)
             for i, request in enumerate(requests):

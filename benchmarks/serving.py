@@ -40,7 +40,7 @@ benchmarks/results/serving_behind_generation.*:
 next to the engine's own at the same batch sizes, fan-out against its ideal, the per-phase breakdown, and locust
 next to this script's client. Results go to benchmarks/results/serving_overhead.*:
 
-    OMP_NUM_THREADS=2 python benchmarks/serving.py --overhead
+    OMP_NUM_THREADS=2 python benchmarks/serving.py --overhead --warmup 1
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="--overhead: alternating windows per comparison")
     parser.add_argument("--overhead", action="store_true",
                         help="HTTP vs engine-only throughput, fan-out vs ideal, the time breakdown and locust "
-                             "(serving_overhead.py; MiniLM, about 2 minutes)")
+                             "(serving_overhead.py; MiniLM, about 3 minutes)")
     args = parser.parse_args()
     if args.overhead:
         from serving_overhead import overhead

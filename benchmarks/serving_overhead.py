@@ -12,15 +12,20 @@ Rotten Tomatoes, `--clients` (32) requests in flight:
    `DynamicBatcher` (no HTTP, no tokenizing, no JSON).
 3. `engine`: `engine.predict` called in a loop on batches of the size the HTTP run had on average (the same
    fine-tune mix): the engine alone.
-4. `fanout`: `--clients // 8` loops each send one text with `"models": [all 8]` (one request, 8 answers), served
-   with and without the shared prefix; the gain in answers per second against the ideal N*L / (k + N(L - k)) =
-   2.4, over HTTP and for the engine alone (one batch of the 8 fine-tunes x 4 texts, shared vs separate).
-5. `locust`: locust headless (`FastHttpUser`, `--clients` users, 127.0.0.1) against the same server as 1, for the
-   same number of seconds.
+4. `fanout`: `--clients` loops each send one text with `"models": [all 8]` (one request, 8 answers), served
+   with and without the shared prefix: the gain in answers per second against the ideal N*L / (k + N(L - k)) =
+   2.4, over HTTP and for the engine alone (one batch of the 8 fine-tunes x 4 texts, shared vs separate). A
+   first run with `--clients // 8` loops (32 rows in flight; serving_overhead_first_run.md) reached 1.72x: the
+   engine then idles between batches while the few clients read their answers and send the next.
+5. `locust`: locust headless (`FastHttpUser`, `--clients` users, 127.0.0.1) against the same server as 1, for one
+   window (at least 10 s).
 
-Writes benchmarks/results/serving_overhead.{json,md} atomically; about 2 minutes on 2 cores:
+Every comparison alternates short windows of its sides (`--rounds`, 3), as the CPU may be shared; its ratio is the
+median of the ratios of neighbouring windows.
 
-    OMP_NUM_THREADS=2 python benchmarks/serving.py --overhead
+Writes benchmarks/results/serving_overhead.{json,md} atomically; about 3 minutes on 2 cores:
+
+    OMP_NUM_THREADS=2 python benchmarks/serving.py --overhead --warmup 1
 """
 
 from __future__ import annotations
@@ -201,7 +206,7 @@ def overhead(args: argparse.Namespace) -> None:
 
     def app_of(engine: ServingEngine):
         return create_app(engine, tokenizer=tokenizer, max_wait_ms=args.max_wait_ms,
-                          max_batch_tokens=args.max_batch_tokens, max_queue=4 * args.clients)
+                          max_batch_tokens=args.max_batch_tokens, max_queue=4 * N * args.clients)
 
     engine = engine_of(True)
     rng = random.Random(0)
@@ -238,7 +243,7 @@ def overhead(args: argparse.Namespace) -> None:
             for mode, url in (("separate", separate_url), ("shared", shared_url)):
                 offset = 8000 + 1000 * (2 * r + (mode == "shared"))
                 row[f"http_{mode}"] = measure_fanout(url, names, texts[offset:] + texts[:offset],
-                                                     max(1, args.clients // N), window, args.warmup)
+                                                     args.clients, window, args.warmup)
             for mode in ("separate", "shared"):
                 row[f"engine_{mode}"] = engine_throughput(engines[mode], fan_requests, len(fan_requests), window / 2)
             print("fanout", row, flush=True)

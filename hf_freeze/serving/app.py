@@ -4,9 +4,9 @@ servers (text-embeddings-inference, text-generation-inference). Bodies are the p
 
 | route | body | answer |
 |---|---|---|
-| `POST /predict` | `{inputs, model?, raw_scores?, truncate?}` | `[{label, score}]` per input, best first |
-| `POST /embed` | `{inputs, model?, normalize?, truncate?}` | `[[float]]`, one vector per input |
-| `POST /score` | `{inputs, model?, truncate?}` | `[{token_ids, logprobs}]`: log-likelihoods of tokens 2.. |
+| `POST /predict` | `{inputs, model? or models?, raw_scores?, truncate?}` | `[{label, score}]` per input, best first |
+| `POST /embed` | `{inputs, model? or models?, normalize?, truncate?}` | `[[float]]`, one vector per input |
+| `POST /score` | `{inputs, model? or models?, truncate?}` | `[{token_ids, logprobs}]`: log-likelihoods of tokens 2.. |
 | `POST /generate` | `{inputs, model?, parameters?, truncate?}` (below) | `{generated_text, token_ids, details}` |
 | `POST /generate_stream` | the same, one input | server-sent events, one per token (below) |
 | `GET /health` | | 200, or 503 when the batcher is down |
@@ -24,7 +24,11 @@ the last one with `generated_text` and `details`; an error after the stream has 
 step.
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
-means the base. `truncate: true` cuts an input to the model's positions: its first tokens (the end is cut, as
+means the base. `models` (a list of names, or `"*"`) fans the inputs out to several fine-tunes: the answer is then
+`{name: answer}` (`fanout.py`). The admin routes (load and remove fine-tunes while serving, behind a token) are in
+`admin.py`, the metrics in `metrics.py`.
+
+`truncate: true` cuts an input to the model's positions: its first tokens (the end is cut, as
 text-embeddings-inference does; a tokenizer's closing special tokens are kept), or for `/generate` its last ones
 (the start is cut, as text-generation-inference does), leaving room for `max_new_tokens`.
 

@@ -327,3 +327,32 @@ def test_generations_waiting_for_a_model_removed_meanwhile_get_a_404_and_running
         waiting[0].result(timeout=0)
     assert len(waiting[1].result(timeout=0).token_ids) == 3
     assert running.result(timeout=0).token_ids == expected
+
+
+def test_loading_reads_files_outside_the_engine_lock(tmp_path, monkeypatch):
+    """While a load hashes its files (made slow here), other requests are answered at once."""
+    import threading
+
+    import hf_freeze.checkpoint as checkpoint
+
+    base = tiny_model("bert", "seq").eval()
+    save_suffix(perturbed_finetune("bert", "seq", 2, seed=2, base=base), tmp_path / "ft")
+    engine = ServingEngine(base)
+    hashing = threading.Event()
+    original = checkpoint.verify_checksums
+
+    def slow(*args, **kwargs):
+        hashing.set()
+        time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "verify_checksums", slow)
+    loader = threading.Thread(target=engine.load_model, args=("ft", tmp_path / "ft"))
+    loader.start()
+    assert hashing.wait(10)
+    started = time.monotonic()
+    engine.predict([Request([5, 6, 7])])
+    waited = time.monotonic() - started
+    loader.join(30)
+    assert waited < 1.0, f"a request waited {waited:.1f} s behind a load"
+    assert "ft" in engine.models

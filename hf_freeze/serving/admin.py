@@ -11,10 +11,11 @@ The routes are off unless the server has an admin token (`hf-freeze serve --admi
 variable `HF_FREEZE_ADMIN_TOKEN`): they answer 404 saying how to turn them on. With one, a request needs
 `Authorization: Bearer <token>`: 401 without it, 403 with another token (compared in constant time).
 
-Loading runs in a worker thread, off the event loop; files are read and their sha256 checked outside the engine's
-lock, so other requests keep being answered, and the lock is held only to share the base's tensors and register the
-model (`ServingEngine.load_model`). Refused, with traffic undisturbed: a fine-tune of another base (409
-`base_mismatch`), a name in use (409 `name_in_use`), a missing path or a corrupt or unloadable folder (422
+Loading runs in a worker thread, off the event loop; the weight files' sha256 are checked outside the engine's
+lock (a plain transformers folder is loaded there entirely), so other requests keep being answered, and the lock is
+held to read a checkpoint's suffix onto the base's shared tensors and register the model
+(`ServingEngine.load_model`). Refused, with traffic undisturbed: a fine-tune of another base or a name in use (409
+`conflict`), a missing path or a corrupt or unloadable folder (422
 `bad_model_source`). Removing a model waits for the running batch; its requests still queued get a 404
 (`unknown_model`), generations already decoding finish.
 """

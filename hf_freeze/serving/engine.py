@@ -207,8 +207,8 @@ class ServingEngine:
         transformers folder loads with the class its config names; it shares the leading units (embeddings, then
         blocks) whose weights equal the base's, and is refused when not even its embeddings do.
 
-        Safe while the engine serves (`hf-freeze serve`'s admin routes call it): files are read and hashed outside
-        `lock`, and only sharing the base's tensors and registering the model hold it.
+        Safe while the engine serves (`hf-freeze serve`'s admin routes call it): the weight files are hashed (and
+        a plain folder loaded) outside `lock`; reading a suffix onto the base's tensors and registering hold it.
 
         Raises:
             `BaseMismatchServingError`: `path` is a fine-tune of another base (the message names `path`).
@@ -219,8 +219,9 @@ class ServingEngine:
 
         if name in self.models:  # before reading anything
             raise ValueError(f"A model named {name!r} is already served; choose another name.")
-        # Reading and hashing files runs outside the lock (other requests keep being served); what reads the base
-        # runs under it: a batch swaps stand-ins into the base's blocks while it runs the base's own rows.
+        # Hashing files (and loading a plain folder) runs outside the lock, so other requests keep being served;
+        # what reads the base runs under it: a batch swaps stand-ins into the base's blocks while it runs the
+        # base's own rows.
         if (Path(path) / METADATA_NAME).is_file():
             metadata = read_metadata(path)
             verify_checksums(path, metadata)  # remembered: load_suffix does not hash the files again

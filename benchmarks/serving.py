@@ -35,6 +35,12 @@ is held at `--generation-tokens` new tokens by the model's `generation_config.mi
 benchmarks/results/serving_behind_generation.*:
 
     OMP_NUM_THREADS=2 python benchmarks/serving.py --behind-generation
+
+`--overhead` measures where a served request's time goes (`serving_overhead.py`, about 2 minutes): HTTP throughput
+next to the engine's own at the same batch sizes, fan-out against its ideal, the per-phase breakdown, and locust
+next to this script's client. Results go to benchmarks/results/serving_overhead.*:
+
+    OMP_NUM_THREADS=2 python benchmarks/serving.py --overhead --warmup 1
 """
 
 from __future__ import annotations
@@ -288,7 +294,16 @@ def main() -> None:
                         help="only measure a short /score behind a long generation (continuous vs run-to-end)")
     parser.add_argument("--generation-tokens", type=int, default=200, help="new tokens of the long generation")
     parser.add_argument("--generation-repeats", type=int, default=2, help="long generations per mode")
+    parser.add_argument("--rounds", type=int, default=3, help="--overhead: alternating windows per comparison")
+    parser.add_argument("--overhead", action="store_true",
+                        help="HTTP vs engine-only throughput, fan-out vs ideal, the time breakdown and locust "
+                             "(serving_overhead.py; MiniLM, about 3 minutes)")
     args = parser.parse_args()
+    if args.overhead:
+        from serving_overhead import overhead
+
+        overhead(args)
+        return
     if args.behind_generation:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         behind_generation(args)

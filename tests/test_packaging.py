@@ -49,7 +49,8 @@ TESTED_ELSEWHERE = {
     "data": "test_recipes.py",  # both recipes load, split and tokenize through it
     "training": "test_recipes.py",  # run_text_classification / run_causal_lm, under accelerate launch
     "profiling": "test_freezing.py",  # saved-activation bytes fall with every frozen block
-    "metrics": "test_recipes.py",  # the shipped accuracy, f1 and perplexity scripts score both recipes
+    "metrics": "test_recipes.py",  # the shipped accuracy, f1 and perplexity scripts score both recipes (and
+    # serving/metrics.py, the server's per-model and per-phase series: test_serving_ops.py)
     "commands": "test_cli.py",  # the subcommands of `hf-freeze`: inspect, push, train
     "inspect": "test_cli.py",
     "push": "test_cli.py",
@@ -65,6 +66,8 @@ TESTED_ELSEWHERE = {
     "kv_cache": "test_serving_scheduler.py",  # the per-block KV caches every generation test decodes with
     "prefix_cache": "test_serving_prefix_cache.py",
     "schemas": "test_serving_schemas.py",  # fuzzed from the OpenAPI schema they publish; the error body
+    "admin": "test_serving_ops.py",  # load and remove fine-tunes while serving, under load
+    "fanout": "test_serving_ops.py",
     "limits": "test_serving_engine.py",  # usable positions per family, decoder classifiers batched without a pad id
     "openai": "test_serving_clients.py",  # the /v1 routes, with the official openai client
     "openai_schemas": "test_serving_clients.py",

@@ -4,9 +4,9 @@ servers (text-embeddings-inference, text-generation-inference). Bodies are the p
 
 | route | body | answer |
 |---|---|---|
-| `POST /predict` | `{inputs, model?, raw_scores?, truncate?}` | `[{label, score}]` per input, best first |
-| `POST /embed` | `{inputs, model?, normalize?, truncate?}` | `[[float]]`, one vector per input |
-| `POST /score` | `{inputs, model?, truncate?}` | `[{token_ids, logprobs}]`: log-likelihoods of tokens 2.. |
+| `POST /predict` | `{inputs, model? or models?, raw_scores?, truncate?}` | `[{label, score}]` per input, best first |
+| `POST /embed` | `{inputs, model? or models?, normalize?, truncate?}` | `[[float]]`, one vector per input |
+| `POST /score` | `{inputs, model? or models?, truncate?}` | `[{token_ids, logprobs}]`: log-likelihoods of tokens 2.. |
 | `POST /generate` | `{inputs, model?, parameters?, truncate?}` (below) | `{generated_text, token_ids, details}` |
 | `POST /generate_stream` | the same, one input | server-sent events, one per token (below) |
 | `GET /health` | | 200, or 503 when the batcher is down |
@@ -27,7 +27,11 @@ the last one with `generated_text` and `details`; an error after the stream has 
 step.
 
 `inputs` is a string, a list of token ids, or a list of either (a client batch). `model` names a fine-tune; absent
-means the base. `truncate: true` cuts an input to the model's positions: its first tokens (the end is cut, as
+means the base. `models` (a list of names, or `"*"`) fans the inputs out to several fine-tunes: the answer is then
+`{name: answer}` (`fanout.py`). The admin routes (load and remove fine-tunes while serving, behind a token) are in
+`admin.py`, the metrics in `metrics.py`.
+
+`truncate: true` cuts an input to the model's positions: its first tokens (the end is cut, as
 text-embeddings-inference does; a tokenizer's closing special tokens are kept), or for `/generate` its last ones
 (the start is cut, as text-generation-inference does), leaving room for `max_new_tokens`.
 
@@ -36,7 +40,8 @@ method, 413 body or client batch too large, 415 a body that is not JSON, 422 mal
 wrong task for the model, 429 overloaded, 499 the client left `/generate` before its answer (its rows were
 cancelled; counted in `/metrics`), 500 internal (logged; the body says no more), 503 batcher not running.
 Reading the body is bounded in bytes; parsing and validating it, tokenizing and writing the answer run in worker
-threads, off the event loop.
+threads, off the event loop, unless they are small (a body up to 16 KiB, inputs up to 2,048 characters or tokens,
+an answer of up to 1,024 labels): a thread hop costs more than such work (`_offload`).
 """
 
 from __future__ import annotations
@@ -59,15 +64,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from . import schemas
+from .admin import admin_router
 from .batching import DynamicBatcher
 from .context import RouteContext
 from .engine import ServedModel, ServingEngine
+from .fanout import fanout_models
+from .metrics import ServingMetrics
 from .requests import (
     ClientClosedError,
     EmbedRequest,
@@ -90,7 +98,7 @@ _STREAM_ERRORS = {status: {"content": {"application/json": {"schema": {"$ref": "
 
 def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: float = 5.0,
                max_batch_tokens: int = 8192, max_client_batch_size: int = 32, max_queue: int = 1024,
-               max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_body_bytes: int = 1 << 20, admin_token: str | None = None) -> FastAPI:
     """The FastAPI app; the batcher starts with the app (lifespan) and stops with it.
 
     Args:
@@ -99,6 +107,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         max_wait_ms, max_batch_tokens, max_queue: the `DynamicBatcher`'s limits.
         max_client_batch_size (`int`, defaults to 32): inputs per request at most (413 beyond).
         max_body_bytes (`int`, defaults to 1 MiB): request bodies at most (413 beyond).
+        admin_token (`str`, *optional*): turns on the admin routes (`admin.py`: load and remove fine-tunes while
+            serving) for requests bearing it; without it they answer 404.
 
     Example:
         ```python
@@ -109,11 +119,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     if max_client_batch_size < 1 or max_body_bytes < 1:
         raise ValueError(f"Need max_client_batch_size >= 1 and max_body_bytes >= 1; got {max_client_batch_size}, "
                          f"{max_body_bytes}.")
-    registry = CollectorRegistry()
-    requests_total = Counter("hf_freeze_requests", "HTTP requests by route and status", ["route", "status"],
-                             registry=registry)
-    latency = Histogram("hf_freeze_request_duration_seconds", "Request latency by route", ["route"],
-                        registry=registry, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+    observed = ServingMetrics(engine)
+    registry = observed.registry
     batch_size = Histogram("hf_freeze_batch_size", "Inputs per engine batch", ["task"], registry=registry,
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
     batch_tokens = Histogram("hf_freeze_batch_tokens", "Tokens per engine batch", ["task"], registry=registry,
@@ -126,7 +133,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         batch_tokens.labels(task).observe(tokens)
 
     batcher = DynamicBatcher(engine, max_wait_ms=max_wait_ms, max_batch_tokens=max_batch_tokens,
-                             max_queue=max_queue, on_batch=on_batch)
+                             max_queue=max_queue, on_batch=on_batch, on_timing=observed.on_timing)
     limits = {"max_batch_tokens": max_batch_tokens, "max_client_batch_size": max_client_batch_size,
               "max_wait_ms": max_wait_ms, "max_queue": max_queue, "max_body_bytes": max_body_bytes}
 
@@ -137,8 +144,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
 
     app = FastAPI(title="hf_freeze serving", lifespan=lifespan, strict_content_type=False)
     app.router.route_class = _json_route(max_body_bytes)
-    app.state.engine, app.state.batcher = engine, batcher
+    app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, observed
     _add_error_handlers(app)
+    app.include_router(admin_router(engine, admin_token, on_removed=observed.forget))
 
     @app.middleware("http")
     async def measure(request: HttpRequest, call_next):
@@ -149,8 +157,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
             logger.exception("Internal error on %s %s", request.method, request.url.path)
             response = _internal_error()
         route = request.url.path if request.url.path in (*_ROUTE_TASKS, "/health", "/info", "/metrics") else "other"
-        requests_total.labels(route, str(response.status_code)).inc()
-        latency.labels(route).observe(time.perf_counter() - started)
+        observed.observe_request(route, response.status_code, getattr(request.state, "models", ()),
+                                time.perf_counter() - started)
         return response
 
     def token_lists(inputs: Any, truncate: bool, served_limit: int | None, keep_last: bool = False
@@ -177,7 +185,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         """The batcher's futures for `requests` (validated in a worker thread: validation reads every token id)."""
         if not batcher.alive:  # its futures would never be answered
             raise UnavailableError("The batcher is not running (the server is stopping or failed); retry later.")
-        futures = await run_in_threadpool(batcher.submit, task, requests, on_token)
+        tokens = sum(len(r.input_ids) for r in requests)
+        futures = await _offload(tokens <= _INLINE_TOKENS, batcher.submit, task, requests, on_token)
         queued.set(batcher.queued)
         return futures
 
@@ -197,29 +206,48 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         finally:
             watcher.cancel()
 
-    async def parse(body: Any, task: str, new_tokens: int = 0) -> tuple[ServedModel, list[list[int]], bool]:
-        """The served model `body` names for `task`, its inputs as token ids, and whether it sent one."""
-        served = engine.model_for(body.model, task)
-        limit = served.max_input_tokens
+    async def parse(body: Any, task: str, client: HttpRequest, new_tokens: int = 0
+                    ) -> tuple[list[ServedModel], list[list[int]], bool]:
+        """The served models `body` names for `task` (`model`, or a fan-out's `models`), its inputs as token ids,
+        and whether it sent one."""
+        served = fanout_models(engine, body, task)
+        client.state.models = [m.name for m in served]
+        limits = [m.max_input_tokens for m in served if m.max_input_tokens]
+        limit = min(limits) if limits else None
         if limit and 0 < new_tokens < limit:  # a prompt continues from its end, and leaves room for the new tokens
             limit -= new_tokens
-        ids, single = await run_in_threadpool(token_lists, body.inputs, body.truncate, limit, task == "generate")
+        started = time.perf_counter()
+        size = len(body.inputs) if isinstance(body.inputs, str) or not body.inputs or isinstance(body.inputs[0], int) \
+            else sum(len(x) for x in body.inputs)  # characters or token ids
+        ids, single = await _offload(size <= _INLINE_TOKENS, token_lists, body.inputs, body.truncate, limit,
+                                     task == "generate")
+        observed.observe_phase("tokenize", time.perf_counter() - started)
+        for m in served:
+            observed.observe_tokens(m.name, task, sum(map(len, ids)))
         return served, ids, single
 
-    async def generation_requests(body: schemas.GenerateBody) -> tuple[list[GenerationRequest], bool]:
+    async def run_each(body: Any, task: str, client: HttpRequest, make: Callable[[list[int], str], Request]
+                       ) -> tuple[list[ServedModel], list[list[int]], bool, list[list[Any]]]:
+        """Every input of `body` through every model it names, as one submission (so one batch: the prefix runs
+        once per distinct input): the models, the inputs, whether it sent one, and the answers per model."""
+        served, ids, single = await parse(body, task, client)
+        flat = await run(task, [make(i, m.name) for m in served for i in ids])
+        return served, ids, single, [flat[j * len(ids):(j + 1) * len(ids)] for j in range(len(served))]
+
+    async def generation_requests(body: schemas.GenerateBody, client: HttpRequest
+                                  ) -> tuple[list[GenerationRequest], bool]:
         """One `GenerationRequest` per input of a /generate or /generate_stream body, and whether it sent one."""
         params = (body.parameters or schemas.GenerateParameters()).model_dump()
         # a truncated prompt leaves room for its new tokens (without `max_new_tokens`: one at least)
-        served, ids, single = await parse(body, "generate", params["max_new_tokens"] or 1)
+        (served,), ids, single = await parse(body, "generate", client, params["max_new_tokens"] or 1)
         return [GenerationRequest(i, model=served.name, **params) for i in ids], single
 
     @app.post("/predict", response_model=schemas.PredictResponse, responses=_ERRORS)
-    async def predict(body: schemas.PredictBody) -> Response:
-        served, ids, single = await parse(body, "predict")
-        logits = await run("predict", [Request(i, model=served.name) for i in ids])
-        id2label = served.model.config.id2label
+    async def predict(body: schemas.PredictBody, client: HttpRequest) -> Response:
+        served, _, single, results = await run_each(body, "predict", client, lambda i, m: Request(i, model=m))
 
-        def answer() -> Any:
+        def answer(model: ServedModel, logits: list[Any]) -> Any:
+            id2label = model.model.config.id2label
             answers = []
             for row in logits:
                 scores = row if body.raw_scores else row.softmax(-1)
@@ -227,29 +255,31 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
                 answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
             return answers[0] if single else answers
 
-        return await _json_answer(answer)
+        labels = sum(len(rows) * len(m.model.config.id2label or {}) for m, rows in zip(served, results))
+        return await _json_answer(lambda: _keyed(body, served, results, answer), observed, labels <= 1024)
 
     @app.post("/embed", response_model=schemas.EmbedResponse, responses=_ERRORS)
-    async def embed(body: schemas.EmbedBody) -> Response:
-        served, ids, _ = await parse(body, "embed")
-        vectors = await run("embed", [EmbedRequest(i, model=served.name, normalize=body.normalize) for i in ids])
-        return await _json_answer(lambda: [v.tolist() for v in vectors])
+    async def embed(body: schemas.EmbedBody, client: HttpRequest) -> Response:
+        served, _, _, results = await run_each(body, "embed", client,
+                                               lambda i, m: EmbedRequest(i, model=m, normalize=body.normalize))
+        return await _json_answer(lambda: _keyed(body, served, results, lambda _, vs: [v.tolist() for v in vs]),
+                                  observed)
 
     @app.post("/score", response_model=schemas.ScoreResponse, responses=_ERRORS)
-    async def score(body: schemas.ScoreBody) -> Response:
-        served, ids, single = await parse(body, "score")
-        scores = await run("score", [Request(i, model=served.name) for i in ids])
+    async def score(body: schemas.ScoreBody, client: HttpRequest) -> Response:
+        served, ids, single, results = await run_each(body, "score", client, lambda i, m: Request(i, model=m))
 
-        def answer() -> Any:
+        def answer(_: ServedModel, scores: list[Any]) -> Any:
             answers = [{"token_ids": i, "logprobs": s.tolist()} for i, s in zip(ids, scores)]
             return answers[0] if single else answers
 
-        return await _json_answer(answer)
+        return await _json_answer(lambda: _keyed(body, served, results, answer), observed)
 
     @app.post("/generate", response_model=schemas.GenerateResponse, responses={**_ERRORS, 499: _CLIENT_CLOSED})
     async def generate(body: schemas.GenerateBody, request: HttpRequest) -> Response:
-        requests, single = await generation_requests(body)
+        requests, single = await generation_requests(body, request)
         results = await run("generate", requests, client=request)  # a client that leaves stops its rows
+        observed.observe_tokens(requests[0].model, "generate", 0, sum(len(r.token_ids) for r in results))
 
         def answer() -> Any:
             answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True)
@@ -258,12 +288,12 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
                        for r in results]
             return answers[0] if single else answers
 
-        return await _json_answer(answer)
+        return await _json_answer(answer, observed)
 
-    async def start_stream(body: schemas.GenerateBody) -> tuple[Future, asyncio.Queue]:
+    async def start_stream(body: schemas.GenerateBody, client: HttpRequest) -> tuple[Future, asyncio.Queue]:
         """Validate and queue the one input of a /generate_stream body: its future and the queue its tokens arrive
         on (`None` once it is done). A dependency, so it runs before the response starts: a bad body gets its 4xx."""
-        requests, single = await generation_requests(body)
+        requests, single = await generation_requests(body, client)
         if not single:
             raise ServingError("/generate_stream takes one input; send a list to /generate instead.")
         loop = asyncio.get_running_loop()
@@ -422,9 +452,38 @@ def _encode(tokenizer: Any, text: str, limit: int | None, keep_last: bool) -> li
     return ids
 
 
-async def _json_answer(answer: Callable[[], Any]) -> Response:
-    """`answer()` built and written as JSON in a worker thread (a batch of vectors is megabytes of text)."""
-    return Response(await run_in_threadpool(lambda: json.dumps(answer()).encode()), media_type="application/json")
+# Work this small runs on the event loop: a hop to a worker thread costs more (it waits for the GIL behind the
+# engine's thread, measured as `other` in the phase breakdown); larger work runs in worker threads, so that a
+# megabyte body or a long text never holds the loop.
+_INLINE_BYTES = 16 * 1024
+_INLINE_TOKENS = 2048
+
+
+async def _offload(inline: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`, on the event loop when `inline`, else in a worker thread."""
+    return fn(*args) if inline else await run_in_threadpool(fn, *args)
+
+
+async def _json_answer(answer: Callable[[], Any], metrics: ServingMetrics, inline: bool = False) -> Response:
+    """`answer()` built and written as JSON in a worker thread (a batch of vectors is megabytes of text), or with
+    `inline` (a small answer) on the event loop."""
+
+    def write() -> bytes:
+        started = time.perf_counter()
+        raw = json.dumps(answer()).encode()
+        metrics.observe_phase("serialize", time.perf_counter() - started)
+        return raw
+
+    return Response(await _offload(inline, write), media_type="application/json")
+
+
+def _keyed(body: Any, served: list[ServedModel], results: list[list[Any]],
+           answer: Callable[[ServedModel, list[Any]], Any]) -> Any:
+    """A route's answer: `answer(model, its results)` for the one model, or for a fan-out (`models` in the body)
+    `{name: answer}` for each model, in the order asked."""
+    if getattr(body, "models", None) is None:
+        return answer(served[0], results[0])
+    return {model.name: answer(model, rows) for model, rows in zip(served, results)}
 
 
 def _error_response(status: int, error_type: str, message: str, headers: dict[str, str] | None = None
@@ -504,7 +563,7 @@ def _json_route(max_body_bytes: int) -> type[APIRoute]:
                 raw = await _read_body(request, max_body_bytes)
                 request._body = raw  # what FastAPI reads next
                 try:
-                    request._json = await run_in_threadpool(model.model_validate_json, raw)
+                    request._json = await _offload(len(raw) <= _INLINE_BYTES, model.model_validate_json, raw)
                 except ValidationError as error:
                     raise RequestValidationError(error.errors(include_input=False)) from None
                 return await handler(request)

@@ -38,6 +38,8 @@ class _Job:
     tokens: int
     future: Future = field(default_factory=Future)
     on_token: TokenCallback | None = None
+    queued_at: float = field(default_factory=time.perf_counter)
+    taken_at: float = 0.0
 
 
 class DynamicBatcher:
@@ -50,6 +52,9 @@ class DynamicBatcher:
             generation); an input larger than the budget runs alone.
         max_queue (`int`, defaults to 1024): inputs waiting at most; beyond it `submit` raises `OverloadedError`.
         on_batch (`Callable[[str, int, int], None]`, *optional*): called with (task, inputs, tokens) per engine call.
+        on_timing (`Callable[[str, str | None, dict[str, float]], None]`, *optional*): called per input answered
+            with (task, model, seconds by phase): `queue` (submitted until taken into a batch), `batch` (taken until
+            its engine call starts) and `engine` (that call; for generation, not measured here).
         continuous (`bool`, defaults to `True`): `False` runs each generation batch to its end before anything else
             (the run-to-end baseline that the serving benchmark measures continuous batching against).
 
@@ -65,7 +70,8 @@ class DynamicBatcher:
 
     def __init__(self, engine: ServingEngine, *, max_wait_ms: float = 5.0, max_batch_tokens: int = 8192,
                  max_queue: int = 1024, on_batch: Callable[[str, int, int], None] | None = None,
-                 continuous: bool = True) -> None:
+                 continuous: bool = True,
+                 on_timing: Callable[[str, str | None, dict[str, float]], None] | None = None) -> None:
         if max_wait_ms < 0 or max_batch_tokens < 1 or max_queue < 1:
             raise ValueError(f"Need max_wait_ms >= 0, max_batch_tokens >= 1 and max_queue >= 1; got {max_wait_ms}, "
                              f"{max_batch_tokens}, {max_queue}.")
@@ -74,6 +80,7 @@ class DynamicBatcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.on_timing = on_timing
         self._queue: queue.Queue[_Job] = queue.Queue()
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -150,6 +157,7 @@ class DynamicBatcher:
                 first = self._queue.get_nowait() if generating else self._queue.get(timeout=0.05)
             except queue.Empty:
                 return []
+            first.taken_at = time.perf_counter()
         batch, tokens = [first], first.tokens
         deadline = time.monotonic() + (0 if generating else self.max_wait)
         while tokens < self.max_batch_tokens:
@@ -158,6 +166,7 @@ class DynamicBatcher:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            job.taken_at = time.perf_counter()
             if tokens + job.tokens > self.max_batch_tokens:
                 self._carry = job
                 break
@@ -196,6 +205,7 @@ class DynamicBatcher:
         for job in jobs:
             self.scheduler.submit(job.request, future=job.future, on_token=job.on_token, validated=True)
         self._observe("generate", jobs)
+        self._timing("generate", jobs, time.perf_counter(), None)
 
     def _run(self, task: str, jobs: list[_Job]) -> None:
         with self._pending_lock:
@@ -204,8 +214,10 @@ class DynamicBatcher:
         jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
         if not jobs:
             return
+        started = time.perf_counter()
         try:
             results = self._call(task, jobs)
+            self._timing(task, jobs, started, time.perf_counter() - started)
         except Exception as error:
             if len(jobs) == 1:
                 results = [error]
@@ -235,6 +247,18 @@ class DynamicBatcher:
             return error
         self._observe(task, [job])
         return result
+
+    def _timing(self, task: str, jobs: list[_Job], started: float, engine: float | None) -> None:
+        if self.on_timing is None:
+            return
+        try:  # as `on_batch`: a metrics hook must neither fail the answers nor stop the worker
+            for job in jobs:
+                phases = {"queue": job.taken_at - job.queued_at, "batch": started - job.taken_at}
+                if engine is not None:
+                    phases["engine"] = engine
+                self.on_timing(task, job.request.model, phases)
+        except Exception:
+            logger.exception("on_timing failed")
 
     def _observe(self, task: str, jobs: list[_Job]) -> None:
         if self.on_batch is not None:

@@ -39,6 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="float32",
                         help="dtype every model is served in (auto: the base's saved dtype); a fine-tune trained in "
                              "bf16 needs bfloat16 (default: float32)")
+    parser.add_argument("--admin-token", default=None,
+                        help="turn on the admin routes (POST /admin/models, DELETE /admin/models/NAME: load and "
+                             "remove fine-tunes while serving) for requests with `Authorization: Bearer TOKEN` "
+                             "(default: $HF_FREEZE_ADMIN_TOKEN; unset: the routes are off)")
     parser.add_argument("--no-share-prefix", action="store_true",
                         help="run every model's full forward (the baseline the shared prefix is measured against)")
     parser.set_defaults(func=serve)
@@ -57,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from ..checkpoint import CheckpointError
     from ..commands.errors import CommandError, check_model_source
+    from .admin import admin_token
     from .app import create_app
     from .engine import ServingEngine
     from .requests import BaseMismatchServingError
@@ -84,7 +89,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"note: {base_path} has no tokenizer; the server takes token ids only, not text.", file=sys.stderr)
     app = create_app(engine, tokenizer=tokenizer, max_wait_ms=args.max_wait_ms,
                      max_batch_tokens=args.max_batch_tokens, max_client_batch_size=args.max_client_batch_size,
-                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes)
+                     max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                     admin_token=admin_token(args.admin_token))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

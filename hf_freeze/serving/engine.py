@@ -117,6 +117,8 @@ class ServingEngine:
             docstring). `False` takes the object itself, for callers that hand over a model nobody else uses.
 
     Attributes:
+        cache_counts (`dict[str, list[int]]`): per served model, its requests' repeated-input cache `[hits,
+            misses]` (what `/metrics` labels with `model`); a removed model's entry goes with it.
         lock (`threading.Lock`): held while a batch runs the served models (stand-in blocks are swapped into them);
             whoever else runs them (the generation scheduler) holds it too.
 
@@ -152,6 +154,7 @@ class ServingEngine:
         self._prefix_fingerprints: dict[int, str] = {self.num_blocks: self.fingerprint}
         self.cache = StateCache(cache_bytes)
         self.models: dict[str, ServedModel] = {}
+        self.cache_counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # model -> [hits, misses]
         self.lock = threading.Lock()  # one batch at a time: inject_states swaps modules in place
         self._register(base_name, base, self.num_blocks, parent=None)
 
@@ -204,25 +207,57 @@ class ServingEngine:
         transformers folder loads with the class its config names; it shares the leading units (embeddings, then
         blocks) whose weights equal the base's, and is refused when not even its embeddings do.
 
+        Safe while the engine serves (`hf-freeze serve`'s admin routes call it): the weight files are hashed (and
+        a plain folder loaded) outside `lock`; reading a suffix onto the base's tensors and registering hold it.
+
         Raises:
             `BaseMismatchServingError`: `path` is a fine-tune of another base (the message names `path`).
+            `CheckpointError`: a missing or corrupt weight file (sha256 checked).
+            `ValueError`: `name` is already served.
         """
-        from ..checkpoint import METADATA_NAME, BaseMismatchError, load_suffix, read_metadata
+        from ..checkpoint import METADATA_NAME, BaseMismatchError, load_suffix, read_metadata, verify_checksums
 
+        if name in self.models:  # before reading anything
+            raise ValueError(f"A model named {name!r} is already served; choose another name.")
+        # Hashing files (and loading a plain folder) runs outside the lock, so other requests keep being served;
+        # what reads the base runs under it: a batch swaps stand-ins into the base's blocks while it runs the
+        # base's own rows.
         if (Path(path) / METADATA_NAME).is_file():
             metadata = read_metadata(path)
-            try:
-                model = load_suffix(path, base=self.base, dtype=self.dtype)
-            except BaseMismatchError as error:
-                raise BaseMismatchServingError(
-                    f"Cannot serve {path} as {name!r} in {_dtype_name(self.dtype)}: {error} A checkpoint trained in "
-                    "another dtype needs the engine in that dtype (`dtype=` / `--dtype`).") from error
-            model = model.to(self.dtype)
-            if metadata.boundary is not None:
-                return self._add(name, model, boundary=metadata.boundary)
-        else:
-            model = load_base(path, dtype=self.dtype)
-        return self._add(name, model, boundary=self._shared_units(model, name, path))
+            verify_checksums(path, metadata)  # remembered: load_suffix does not hash the files again
+            with self.lock:
+                try:
+                    model = load_suffix(path, base=self.base, dtype=self.dtype)
+                except BaseMismatchError as error:
+                    raise BaseMismatchServingError(
+                        f"Cannot serve {path} as {name!r} in {_dtype_name(self.dtype)}: {error} A checkpoint trained "
+                        "in another dtype needs the engine in that dtype (`dtype=` / `--dtype`).") from error
+                model = model.to(self.dtype)
+                if metadata.boundary is not None:
+                    return self._add(name, model, boundary=metadata.boundary)
+                return self._add(name, model, boundary=self._shared_units(model, name, path))
+        model = load_base(path, dtype=self.dtype)
+        with self.lock:
+            return self._add(name, model, boundary=self._shared_units(model, name, path))
+
+    def remove_model(self, name: str) -> ServedModel:
+        """Stop serving the fine-tune `name` (the base cannot be removed). Waits for the batch that is running;
+        requests for it that are still queued then get an `UnknownModelError` (404: their batch fails, and the
+        batcher answers its inputs one by one, which validates them again), while generations already decoding
+        finish with the model they started with.
+
+        Raises:
+            `UnknownModelError`: `name` is not served.
+            `ValueError`: `name` is the base.
+        """
+        if name == self.base_name:
+            raise ValueError(f"{name!r} is the base; it cannot be removed (only its fine-tunes can).")
+        with self.lock:
+            served = self.models.pop(name, None)
+            self.cache_counts.pop(name, None)
+        if served is None:
+            raise UnknownModelError(f"Unknown model {name!r}; served models: {sorted(self.models)}.")
+        return served
 
     @classmethod
     def from_pretrained(cls, base_path: str | Path, models: Mapping[str, str | Path] | None = None,
@@ -259,7 +294,7 @@ class ServingEngine:
         vectors = []
         for request, (out, row) in zip(requests, outputs):
             hidden = out.last_hidden_state[row, : len(request.input_ids)].float()
-            vector = hidden[0] if self.models[self._name(request)].pooling == "cls" else hidden.mean(0)
+            vector = hidden[0] if self.pooling == "cls" else hidden.mean(0)
             if getattr(request, "normalize", False):
                 vector = torch.nn.functional.normalize(vector, dim=-1)
             vectors.append(vector.cpu())
@@ -392,12 +427,15 @@ class ServingEngine:
                 wanted[(served.boundary, tuple(int(t) for t in request.input_ids))].append(i)
         found: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         missing: dict[tuple[int, ...], set[int]] = defaultdict(set)  # distinct input -> boundaries to compute
-        for boundary, ids in wanted:
+        for (boundary, ids), indices in wanted.items():
             cached = self.cache.get((self.fingerprint, boundary, ids)) if self.cache.max_bytes else None
             if cached is not None:
                 found[(boundary, ids)] = cached
             else:
                 missing[ids].add(boundary)
+            if self.cache.max_bytes:
+                for i in indices:
+                    self.cache_counts[self._name(requests[i])][cached is None] += 1
         inputs = list(missing)
         for bucket in _length_buckets([len(ids) for ids in inputs], self.max_padding):
             found.update(self._compute_states({inputs[j]: missing[inputs[j]] for j in bucket}))

@@ -209,8 +209,9 @@ class DecodeBatch:
             self.members[("advance", boundary)] = rows
             self.caches[("advance", boundary)] = partial_cache(engine.base, num_blocks, self.k_min, self.clock)
             layers[("advance", boundary)] = range(self.k_min, boundary)
+        self.served = {s.served.name: s.served for s in sequences}  # removing a model leaves its rows running
         for name, rows in self.by_model.items():
-            served = engine.models[name]
+            served = self.served[name]
             skipped = served.boundary if served.shares_prefix else 0
             self.members[("model", name)] = rows
             self.caches[("model", name)] = partial_cache(served.model, num_blocks, skipped, self.clock)
@@ -258,7 +259,7 @@ class DecodeBatch:
                     states[i] = advanced[row]
         logits = torch.empty(len(sequences), _vocab_size(sequences[0].served.model), device=self.device)
         for name, rows in self.by_model.items():
-            logits[rows] = _suffix_logits(engine.models[name], _rows(step, rows), states, rows,
+            logits[rows] = _suffix_logits(self.served[name], _rows(step, rows), states, rows,
                                           self.caches[("model", name)]).to(self.device)
         self.clock.past = mask.shape[1]
         self.mask = mask

@@ -171,7 +171,7 @@ class GenerationScheduler:
                     continue
                 try:
                     if entry.row is None:
-                        served = self.engine.models[entry.request.model or self.engine.base_name]
+                        served = self.engine.model_for(entry.request.model, "generate")  # 404 if removed
                         sampler = RowSampler(served.model, entry.request, self.device)
                         entry.row = DecodeRow(entry.request, served, sampler)
                         entry.tokens = len(entry.request.input_ids) + sampler.max_new_tokens

@@ -8,7 +8,7 @@ what depends on the model (its vocabulary, its positions, its task): those the e
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
@@ -28,6 +28,11 @@ Inputs = Annotated[
     Field(description="a string, a list of token ids, or a list of either (a client batch)"),
 ]
 ModelName = Annotated[StrictStr | None, Field(description="the fine-tune to ask; absent: the base")]
+FanOut = Annotated[
+    Literal["*"] | Annotated[list[StrictStr], Field(min_length=1, max_length=256)] | None,
+    Field(description="fan-out: run every input through each of these models (or `\"*\"`: all that can do the "
+                      "task) instead of `model`; the answer is then `{model name: answer}`"),
+]
 Truncate = Annotated[bool, Field(description="cut inputs longer than the model's positions instead of refusing them "
                                              "(the first tokens are kept; for /generate the last ones)")]
 
@@ -41,6 +46,7 @@ class PredictBody(_Body):
 
     inputs: Inputs
     model: ModelName = None
+    models: FanOut = None
     raw_scores: bool = Field(False, description="logits instead of probabilities")
     truncate: Truncate = False
 
@@ -50,6 +56,7 @@ class EmbedBody(_Body):
 
     inputs: Inputs
     model: ModelName = None
+    models: FanOut = None
     normalize: bool = Field(True, description="scale each vector to unit L2 norm")
     truncate: Truncate = False
 
@@ -59,6 +66,7 @@ class ScoreBody(_Body):
 
     inputs: Inputs
     model: ModelName = None
+    models: FanOut = None
     truncate: Truncate = False
 
 
@@ -126,9 +134,9 @@ class StreamEvent(BaseModel):
     details: GenerationDetails | None = Field(description="on the last event; else null")
 
 
-PredictResponse = list[Label] | list[list[Label]]
-EmbedResponse = list[list[float]]
-ScoreResponse = Scored | list[Scored]
+PredictResponse = list[Label] | list[list[Label]] | dict[str, list[Label] | list[list[Label]]]
+EmbedResponse = list[list[float]] | dict[str, list[list[float]]]
+ScoreResponse = Scored | list[Scored] | dict[str, Scored | list[Scored]]
 GenerateResponse = Generated | list[Generated]
 
 
@@ -153,4 +161,5 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="what went wrong and how to fix it")
     error_type: str = Field(description="validation, unknown_model, wrong_task, payload_too_large, overloaded, "
-                                        "not_found, method_not_allowed, unhealthy or internal")
+                                        "not_found, method_not_allowed, unhealthy, internal; on the admin routes "
+                                        "unauthorized, forbidden, conflict or bad_model_source")

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from .engine import ServingEngine
+from .openai_schemas import OpenAIErrorBody
 from .requests import BaseMismatchServingError, ServingError, UnknownModelError
 from .schemas import ErrorBody
 
@@ -115,6 +116,8 @@ def admin_router(engine: ServingEngine, token: str | None,
     """The admin routes over `engine` (see the module docstring); `on_removed(name)` runs after a removal (the
     metrics drop the model's series)."""
     errors = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422)}
+    # vLLM's aliases live under /v1, where every error has OpenAI's shape (openai.OpenAIErrors)
+    openai_errors = {status: {"model": OpenAIErrorBody} for status in errors}
 
     def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
         if token is None:
@@ -161,12 +164,12 @@ def admin_router(engine: ServingEngine, token: str | None,
         """Stop serving the fine-tune `name`."""
         return await remove(name)
 
-    @router.post("/v1/load_lora_adapter", status_code=201)
+    @router.post("/v1/load_lora_adapter", status_code=201, responses=openai_errors)
     async def load_lora_adapter(body: LoadLoraBody) -> JSONResponse:
         """vLLM's route name and payload for `POST /admin/models`."""
         return await load(body.lora_name, body.lora_path)
 
-    @router.post("/v1/unload_lora_adapter")
+    @router.post("/v1/unload_lora_adapter", responses=openai_errors)
     async def unload_lora_adapter(body: UnloadLoraBody) -> Removed:
         """vLLM's route name and payload for `DELETE /admin/models/{name}`."""
         return await remove(body.lora_name)

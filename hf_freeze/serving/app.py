@@ -336,7 +336,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls (imported
     # here: they import this module)
     from . import hf_compat, openai
-    context = RouteContext(engine, tokenizer, parse, run, generation_requests, start_stream, app.router.route_class)
+    context = RouteContext(engine, tokenizer, parse, run, generation_requests, start_stream, app.router.route_class,
+                           lambda build: _json_answer(build, observed))
     app.include_router(openai.router(context))
     app.include_router(hf_compat.router(context))
     app.add_middleware(openai.OpenAIErrors)

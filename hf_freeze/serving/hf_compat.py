@@ -35,7 +35,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 from . import schemas
-from .app import _json_answer, _token_events
+from .app import _token_events
 from .context import RouteContext
 from .requests import MAX_NEW_TOKENS, MAX_SEED, EmbedRequest, Request, ServingError
 
@@ -162,11 +162,13 @@ async def _dispatch(context: RouteContext, body: RootBody, model: str | None, re
             raise ServingError("Feature extraction takes `inputs`, `normalize` and `truncate`; remove `parameters` "
                                "and `raw_scores`.")
         normalize = body.normalize is not False
-        served, ids, _ = await context.parse(schemas.EmbedBody.model_construct(**native, normalize=normalize), "embed")
+        (served,), ids, _ = await context.parse(schemas.EmbedBody.model_construct(**native, normalize=normalize),
+                                                "embed", request)
         vectors = await context.run("embed", [EmbedRequest(i, model=served.name, normalize=normalize) for i in ids])
-        return await _json_answer(lambda: [v.tolist() for v in vectors])
+        return await context.json_answer(lambda: [v.tolist() for v in vectors])
     classify = _validated(ClassifyParameters, parameters)
-    served, ids, _ = await context.parse(schemas.PredictBody.model_construct(**native, raw_scores=False), "predict")
+    (served,), ids, _ = await context.parse(schemas.PredictBody.model_construct(**native, raw_scores=False),
+                                            "predict", request)
     logits = await context.run("predict", [Request(i, model=served.name) for i in ids])
     id2label = served.model.config.id2label
     apply = "none" if body.raw_scores else (classify.function_to_apply or "softmax")
@@ -179,7 +181,7 @@ async def _dispatch(context: RouteContext, body: RootBody, model: str | None, re
             answers.append([{"label": id2label.get(j, str(j)), "score": float(scores[j])} for j in order])
         return answers
 
-    return await _json_answer(answer)
+    return await context.json_answer(answer)
 
 
 async def _generate(context: RouteContext, body: RootBody, params: TGIParameters, name: str | None,
@@ -196,16 +198,16 @@ async def _generate(context: RouteContext, body: RootBody, params: TGIParameters
         stop_token_ids=[])
     native = schemas.GenerateBody.model_construct(inputs=body.inputs, model=name, parameters=parameters,
                                                   truncate=False)
-    _, ids, single = await context.parse(native, "generate")
+    _, ids, single = await context.parse(native, "generate", request)
     if params.truncate is not None:  # TGI's truncate: the prompt's last tokens
         ids = [i[-params.truncate:] for i in ids]
     native.inputs = ids[0] if single else ids
     tokenizer = context.tokenizer
     if body.stream:
-        future, events = await context.start_stream(native)
+        future, events = await context.start_stream(native, request)
         return StreamingResponse(_tgi_events(_token_events(future, events, tokenizer), params.seed, len(ids[0])),
                                  media_type="text/event-stream")
-    requests, _ = await context.generation_requests(native)
+    requests, _ = await context.generation_requests(native, request)
     results = await context.run("generate", requests, client=request)
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
 
@@ -225,7 +227,7 @@ async def _generate(context: RouteContext, body: RootBody, params: TGIParameters
             answers.append(generated)
         return answers
 
-    return await _json_answer(answer)
+    return await context.json_answer(answer)
 
 
 async def _tgi_events(events: AsyncIterator[dict[str, Any]], seed: int | None, input_length: int

@@ -38,7 +38,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from . import schemas
-from .app import _json_answer, _stream_error
+from .app import _stream_error
 from .context import RouteContext
 from .openai_schemas import ChatBody, CompletionBody, EmbeddingBody, OpenAIErrorBody
 from .requests import EmbedRequest, ServingError
@@ -62,9 +62,9 @@ def router(context: RouteContext) -> APIRouter:
             for name, m in list(engine.models.items())]}  # a snapshot: fine-tunes may be added meanwhile
 
     @api.post("/embeddings", responses=_ERRORS)
-    async def embeddings(body: EmbeddingBody) -> Response:
+    async def embeddings(body: EmbeddingBody, request: HttpRequest) -> Response:
         native = schemas.EmbedBody.model_construct(inputs=body.input, model=body.model, normalize=True, truncate=False)
-        served, ids, _ = await context.parse(native, "embed")
+        (served,), ids, _ = await context.parse(native, "embed", request)
         vectors = await context.run("embed", [EmbedRequest(i, model=served.name, normalize=True) for i in ids])
 
         def answer() -> dict[str, Any]:
@@ -78,7 +78,7 @@ def router(context: RouteContext) -> APIRouter:
                     "data": [{"object": "embedding", "index": j, "embedding": encoded(v)}
                              for j, v in enumerate(vectors)]}
 
-        return await _json_answer(answer)
+        return await context.json_answer(answer)
 
     @api.post("/completions", responses=_ERRORS)
     async def completions(body: CompletionBody, request: HttpRequest) -> Response:
@@ -105,16 +105,17 @@ async def _complete(context: RouteContext, body: CompletionBody | ChatBody, inpu
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": body.model}
     tokenizer = context.tokenizer
-    _, ids, single = await context.parse(native, "generate")  # tokenized once: the prompts' lengths are the usage
+    # tokenized once: the prompts' lengths are the usage
+    _, ids, single = await context.parse(native, "generate", request)
     native.inputs = ids[0] if single else ids
     if body.stream:
         if not single:
             raise ServingError("`stream` takes one prompt; send a list of prompts without `stream`.")
-        future, events = await context.start_stream(native)  # a bad body is refused here, before the stream
+        future, events = await context.start_stream(native, request)  # a bad body is refused here, before the stream
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_chunks(future, events, tokenizer, head, chat, len(ids[0]) if include_usage else None),
                                  media_type="text/event-stream")
-    requests, _ = await context.generation_requests(native)
+    requests, _ = await context.generation_requests(native, request)
     results = await context.run("generate", requests, client=request)
 
     def answer() -> dict[str, Any]:
@@ -130,7 +131,7 @@ async def _complete(context: RouteContext, body: CompletionBody | ChatBody, inpu
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
 
-    return await _json_answer(answer)
+    return await context.json_answer(answer)
 
 
 async def _chunks(future: Future, events: asyncio.Queue, tokenizer: Any, head: dict[str, Any], chat: bool,

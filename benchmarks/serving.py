@@ -16,8 +16,12 @@ against the ideal N*L / (k + N(L - k)) block-forwards ratio, with the fraction o
 reachable only where (b) does less row-work than (a): on a CPU, whose cost grows with rows, that is the fanout
 workload (one prefix row per query for N fine-tunes); in the mixed workload every row still needs k + (L - k)
 blocks. Then, at the largest N with the shared prefix and the cache on, mixed throughput when 0%, 50%, 90% of
-requests repeat an earlier input. SmolLM2's mixed workload runs at the smallest and largest N only
-(`--all-mixed-points` for every N).
+requests repeat an earlier input, next to what the skipped blocks cost: each run's gain over the 0% run against
+the ideal (1 - h0 * s) / (1 - h * s), h the run's measured cache hit rate (h0 the 0% run's) and s the share of a
+batch's engine time a hit skips, timed on the same engine in the same run (a batch of fresh inputs, all misses,
+then the same batch again, all hits, at the runs' mean batch size); with each run's per-phase breakdown from
+`/metrics` (only the cache runs: `--workloads` with no value). SmolLM2's mixed workload runs at the smallest and
+largest N only (`--all-mixed-points` for every N).
 
 Results (JSON + md + PNG, written atomically) go to benchmarks/results/serving.*. The default run takes about
 10 minutes on 2 CPU cores (under 12):
@@ -51,6 +55,7 @@ import os
 import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -66,6 +71,35 @@ WORKLOADS = ("mixed", "fanout")
 def ideal_gain(n: int, num_blocks: int, boundary: int) -> float:
     """Block-forwards of N separate models over those with a shared prefix: N*L / (k + N(L - k))."""
     return n * num_blocks / (boundary + n * (num_blocks - boundary))
+
+
+def repeat_ideal_gain(hit_rate: float, baseline_hit_rate: float, skipped_share: float) -> float:
+    """Throughput gain over the baseline run if a cache hit saved exactly what its skipped blocks cost and nothing
+    else limited throughput: (1 - h0 * s) / (1 - h * s), with s the share of a batch's engine time a hit skips."""
+    return (1 - baseline_hit_rate * skipped_share) / (1 - hit_rate * skipped_share)
+
+
+def skipped_share(base, finetunes, path, requests, batch: int, rounds: int, task: str) -> dict:
+    """What a cache hit saves in the engine: each round times one batch of `batch` requests never seen (every
+    input misses: prefix, suffix, states stored), then the same batch again (every input hits: suffix only), on
+    one engine with the cache on. The share is 1 - the median of hit/miss time ratios."""
+    from hf_freeze.serving import ServingEngine
+
+    engine = ServingEngine(base, source=path, cache_bytes=256 * 2**20)
+    for i, model in enumerate(finetunes):
+        engine.add_model(f"ft{i}", model)
+    run = getattr(engine, task)
+    run(requests[-batch:])  # warm
+    misses, hits = [], []
+    for r in range(rounds):
+        chunk = requests[r * batch:(r + 1) * batch]
+        for times in (misses, hits):
+            t0 = time.perf_counter()
+            run(chunk)
+            times.append(time.perf_counter() - t0)
+    ratios = sorted(h / m for h, m in zip(hits, misses))
+    return {"miss_batch_ms": 1000 * statistics.median(misses), "hit_batch_ms": 1000 * statistics.median(hits),
+            "skipped_share": 1 - statistics.median(ratios), "batch": batch}
 
 
 def load_models(name: str, count: int, boundary: int):
@@ -95,11 +129,13 @@ def load_models(name: str, count: int, boundary: int):
 
 
 def measure(url: str, route: str, models: list[str], texts, clients: int, seconds: float, warmup: float,
-            workload: str = "mixed", repeat_fraction: float = 0.0, hot: int = 64, seed: int = 0) -> dict:
+            workload: str = "mixed", repeat_fraction: float = 0.0, hot: int = 64, seed: int = 0,
+            on_window=None) -> dict:
     """Closed loop with `clients` requests in flight; counts the requests answered in the window.
 
     `mixed`: each of `clients` loops sends one text to one fine-tune drawn uniformly. `fanout`: each of
-    `clients // len(models)` loops sends one text to every fine-tune at once and waits for all the answers."""
+    `clients // len(models)` loops sends one text to every fine-tune at once and waits for all the answers.
+    `on_window()` runs as the measured window starts."""
     import httpx
 
     rng = random.Random(seed)
@@ -138,6 +174,8 @@ def measure(url: str, route: str, models: list[str], texts, clients: int, second
             tasks = [asyncio.create_task(client(http, start + warmup + seconds)) for _ in range(loops)]
             await asyncio.sleep(warmup)
             state["measuring"] = True
+            if on_window is not None:
+                on_window()
             window_start = time.perf_counter()
             await asyncio.gather(*tasks)
             return time.perf_counter() - window_start
@@ -153,6 +191,11 @@ def measure(url: str, route: str, models: list[str], texts, clients: int, second
 
 def serve_and_measure(base, finetunes, tokenizer, path, share: bool, cache_bytes: int, args, route: str,
                       texts, workload: str = "mixed", repeat_fraction: float = 0.0) -> dict:
+    """One server, one measured window. With the cache on, also the window's cache hit rate and its per-phase
+    breakdown from `/metrics` (mean ms per phase, per request, and the mean engine batch)."""
+    import httpx
+    from serving_overhead import _samples, breakdown
+
     from hf_freeze.serving import ServingEngine
     from hf_freeze.serving.app import create_app, serve_in_thread
 
@@ -163,10 +206,21 @@ def serve_and_measure(base, finetunes, tokenizer, path, share: bool, cache_bytes
         names.append(f"ft{i}")
     app = create_app(engine, tokenizer=tokenizer, max_wait_ms=args.max_wait_ms,
                      max_batch_tokens=args.max_batch_tokens, max_queue=4 * args.clients)
+    start: dict = {}
+
+    def window_starts() -> None:
+        start.update(hits=engine.cache.hits, misses=engine.cache.misses)
+        if cache_bytes:
+            start["metrics"] = _samples(httpx.get(f"{url}/metrics").text)
+
     with serve_in_thread(app) as url:
         result = measure(url, route, names, texts, args.clients, args.seconds, args.warmup, workload,
-                         repeat_fraction)
+                         repeat_fraction, on_window=window_starts)
+        if cache_bytes:
+            result["phases"] = breakdown(start["metrics"], _samples(httpx.get(f"{url}/metrics").text), route)
     result["cache_hits"], result["cache_misses"] = engine.cache.hits, engine.cache.misses
+    hits, misses = engine.cache.hits - start["hits"], engine.cache.misses - start["misses"]
+    result["window_hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
     return result
 
 
@@ -238,6 +292,33 @@ def behind_generation(args: argparse.Namespace) -> None:
     write_results(args.name if args.name != "serving" else "serving_behind_generation", payload, table)
 
 
+def repeat_gains(rows: list[dict], base, finetunes, path, tokenizer, texts, setting: dict) -> list[dict]:
+    """Each repeat run's gain over the first (the lowest repeat rate) next to the gain its hit rate would give if
+    a hit saved exactly what its skipped blocks cost (`repeat_ideal_gain`, the share timed by `skipped_share` on
+    batches of the runs' mean batch size, fresh texts each round, the runs' uniform fine-tune mix)."""
+    from hf_freeze.serving import Request
+
+    batch = max(1, round(statistics.median(r["mean_batch"] for r in rows)))
+    rounds = 8
+    rng = random.Random(3)
+    fresh = texts[-batch * rounds:]  # not sent by the runs above (they start at the front)
+    ids = tokenizer(fresh, truncation=True)["input_ids"]
+    requests = [Request(x, model=f"ft{rng.randrange(len(finetunes))}") for x in ids]
+    task = "predict" if setting["route"] == "/predict" else "score"
+    # in a worker thread, as the server's batcher runs the engine: torch's OpenMP thread count is per thread, and
+    # the main thread's (all cores) ran 10-20x slower than the batcher's on a CPU shared with other processes
+    with ThreadPoolExecutor(1) as pool:
+        cost = pool.submit(skipped_share, base, finetunes, path, requests, batch, rounds, task).result()
+    print("skipped blocks", cost, flush=True)
+    first = rows[0]
+    for row in rows:
+        row["gain"] = row["req_s"] / first["req_s"]
+        row["ideal_gain"] = repeat_ideal_gain(row["hit_rate"], first["hit_rate"], cost["skipped_share"])
+        row["gain_vs_ideal"] = row["gain"] / row["ideal_gain"]
+        row.update(cost)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -278,7 +359,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=sorted(SETTINGS))
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 2, 4, 8], help="numbers of fine-tunes")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS,
+                        help="workloads of the separate-vs-shared comparison (none: only the cache runs)")
     parser.add_argument("--all-mixed-points", action="store_true", help="SmolLM2's mixed workload at every N too")
     parser.add_argument("--clients", type=int, default=32, help="requests in flight (closed loop)")
     parser.add_argument("--seconds", type=float, default=None,
@@ -343,14 +425,20 @@ def main() -> None:
             row.update(gain=gain, ideal_gain=ideal, gain_vs_ideal=gain / ideal,
                        errors=result["separate"]["errors"] + result["shared"]["errors"], raw=result)
             rows.append(row)
+        mine = []
         for percent in args.repeats:
             result = serve_and_measure(base, finetunes[: max(args.ns)], tokenizer, path, True, 256 * 2**20,
                                        run_args, setting["route"], texts, repeat_fraction=percent / 100)
             print(name, "repeats", percent, result, flush=True)
-            repeat_rows.append({"model": name, "N": max(args.ns), "repeat_percent": percent,
-                                "req_s": result["throughput"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-                                "cache_hits": result["cache_hits"], "cache_misses": result["cache_misses"],
-                                "errors": result["errors"]})
+            phases = result["phases"]
+            mine.append({"model": name, "N": max(args.ns), "repeat_percent": percent,
+                         "req_s": result["throughput"], "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+                         "cache_hits": result["cache_hits"], "cache_misses": result["cache_misses"],
+                         "hit_rate": result["window_hit_rate"], "mean_batch": phases["mean_batch"],
+                         **{key: phases[key] for key in ("queue_ms", "batch_ms", "engine_ms", "other_ms", "http_ms")},
+                         "errors": result["errors"], "raw": result})
+        if mine:
+            repeat_rows += repeat_gains(mine, base, finetunes[: max(args.ns)], path, tokenizer, texts, setting)
         del base, finetunes
 
     payload = {"stamp": stamp(), "args": vars(args), "minutes": round((time.perf_counter() - started) / 60, 1),
@@ -361,6 +449,10 @@ def main() -> None:
                               "ideal_gain", "gain_vs_ideal", "errors"]),
         markdown_table(repeat_rows, ["model", "N", "repeat_percent", "req_s", "p50_ms", "p99_ms", "cache_hits",
                                      "cache_misses", "errors"]),
+        markdown_table(repeat_rows, ["model", "repeat_percent", "hit_rate", "batch", "miss_batch_ms", "hit_batch_ms",
+                                     "skipped_share", "gain", "ideal_gain", "gain_vs_ideal"]),
+        markdown_table(repeat_rows, ["model", "repeat_percent", "mean_batch", "queue_ms", "batch_ms", "engine_ms",
+                                     "other_ms", "http_ms"]),
     ])
     write_results(args.name, payload, table)
     if rows:

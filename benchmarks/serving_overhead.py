@@ -71,8 +71,8 @@ def _delta(after: dict[str, float], before: dict[str, float], key: str) -> float
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean milliseconds of each phase, of the whole HTTP request, and the rest, between two scrapes."""
+def breakdown(before: dict[str, float], after: dict[str, float], route: str = "/predict") -> dict[str, float]:
+    """Mean milliseconds of each phase, of the whole HTTP request to `route`, and the rest, between two scrapes."""
     from hf_freeze.serving.metrics import PHASES
 
     out = {}
@@ -80,11 +80,12 @@ def breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
         count = _delta(after, before, f'hf_freeze_request_phase_seconds_count{{phase="{phase}"}}')
         total = _delta(after, before, f'hf_freeze_request_phase_seconds_sum{{phase="{phase}"}}')
         out[f"{phase}_ms"] = 1000 * total / count if count else float("nan")
-    count = _delta(after, before, 'hf_freeze_request_duration_seconds_count{route="/predict"}')
-    out["http_ms"] = 1000 * _delta(after, before, 'hf_freeze_request_duration_seconds_sum{route="/predict"}') / count
+    count = _delta(after, before, f'hf_freeze_request_duration_seconds_count{{route="{route}"}}')
+    out["http_ms"] = 1000 * _delta(after, before, f'hf_freeze_request_duration_seconds_sum{{route="{route}"}}') / count
     out["other_ms"] = out["http_ms"] - sum(out[f"{p}_ms"] for p in PHASES)
-    batches = _delta(after, before, 'hf_freeze_batch_size_count{task="predict"}')
-    out["mean_batch"] = _delta(after, before, 'hf_freeze_batch_size_sum{task="predict"}') / batches
+    task = route.strip("/")
+    batches = _delta(after, before, f'hf_freeze_batch_size_count{{task="{task}"}}')
+    out["mean_batch"] = _delta(after, before, f'hf_freeze_batch_size_sum{{task="{task}"}}') / batches
     return out
 
 

@@ -24,6 +24,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 TOKEN = "hf_local_test_token"
+# the header the Hub sends with a 404 for a repo it does not have (huggingface_hub raises RepositoryNotFoundError on it)
+REPO_NOT_FOUND = {"X-Error-Code": "RepoNotFound"}
 
 
 @dataclass
@@ -114,7 +116,7 @@ class HubServer:
                 return error
             repo = self.repos.get(repo_id)
             if repo is None:
-                return _error(404, "Repository not found")
+                return _error(404, "Repository not found", headers=REPO_NOT_FOUND)
             message = ""
             for line in (await request.body()).splitlines():
                 item = json.loads(line)
@@ -141,7 +143,7 @@ class HubServer:
         async def info(namespace: str, name: str, revision: str = "main"):
             repo = self.repos.get(f"{namespace}/{name}")
             if repo is None:
-                return _error(404, "Repository not found")
+                return _error(404, "Repository not found", headers=REPO_NOT_FOUND)
             return {"id": f"{namespace}/{name}", "sha": repo.sha, "private": False,
                     "siblings": [{"rfilename": path} for path in sorted(repo.files)]}
 
@@ -149,7 +151,7 @@ class HubServer:
         async def tree(namespace: str, name: str, revision: str):
             repo = self.repos.get(f"{namespace}/{name}")
             if repo is None:
-                return _error(404, "Repository not found")
+                return _error(404, "Repository not found", headers=REPO_NOT_FOUND)
             entries = []
             for path, data in sorted(repo.files.items()):
                 entry = {"type": "file", "path": path, "size": len(data), "oid": _git_oid(data)}

@@ -197,3 +197,14 @@ def test_a_one_epoch_full_run_lands_beside_the_protocols_run_not_over_it(tmp_pat
     assert json.loads((tmp_path / "rt_seed42_full.json").read_text())["protocol"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "rt_seed42_full.json", "rt_seed42_full_epochs1.json", "rt_seed42_full_learning_rate0.0002.json"]
+
+
+def test_the_repeat_runs_ideal_gain_is_what_the_skipped_blocks_cost():
+    import serving
+
+    assert serving.repeat_ideal_gain(0.0, 0.0, 0.6) == 1.0
+    assert serving.repeat_ideal_gain(0.9, 0.0, 0.5) == pytest.approx(1 / (1 - 0.45))
+    # against a baseline that already hit 10%: the same hit rate gains nothing, more hits gain their share
+    assert serving.repeat_ideal_gain(0.1, 0.1, 0.5) == 1.0
+    assert serving.repeat_ideal_gain(0.9, 0.1, 0.5) == pytest.approx(0.95 / 0.55)
+    assert serving.repeat_ideal_gain(0.9, 0.0, 0.0) == 1.0  # nothing skipped, nothing gained

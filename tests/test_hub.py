@@ -3,11 +3,14 @@
 The uploads and downloads run in subprocesses: huggingface_hub reads `HF_ENDPOINT` when it is imported.
 """
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -40,14 +43,20 @@ def hub():
     thread.join(timeout=10)
 
 
-def run_client(hub, tmp_path, code, *, token=TOKEN):
-    """Run `code` in a fresh interpreter whose huggingface_hub talks to the local server."""
+def client_env(hub, tmp_path, *, token=TOKEN) -> dict[str, str]:
+    """The environment of a process whose huggingface_hub talks to the local server (online: no HF_HUB_OFFLINE)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(tmp_path / "client_home"),
                HF_HUB_DISABLE_PROGRESS_BARS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     if token:
         env["HF_TOKEN"] = token
+    return env
+
+
+def run_client(hub, tmp_path, code, *, token=TOKEN):
+    """Run `code` in a fresh interpreter whose huggingface_hub talks to the local server."""
+    env = client_env(hub, tmp_path, token=token)
     prelude = "import torch\ntorch.set_num_threads(1)\n"
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -273,3 +282,62 @@ def test_a_corrupt_folder_is_not_pushed(tmp_path):
     with pytest.raises(CheckpointError, match="suffix.safetensors is corrupt"):
         push_folder(tmp_path / "suffix", "user/corrupt", token="hf_any", base_model_id="user/base")
     assert read_metadata(tmp_path / "suffix").base_model != "user/base"  # nothing re-recorded
+
+
+def test_a_suffix_on_the_hub_is_hot_loaded_by_its_id_into_a_running_server(hub, tmp_path):
+    """`hf-freeze serve` (its own process, online against the local Hub) loads a pushed suffix by its repo id
+    through `POST /admin/models`: it answers like the model's own forward; an id the Hub does not know is a clean
+    422 and the server keeps serving."""
+    import httpx
+    from serving_helpers import perturbed_finetune
+
+    base = tiny_model("bert", "seq").eval()
+    base.save_pretrained(tmp_path / "base")
+    finetune = perturbed_finetune("bert", "seq", 2, seed=5, base=base)
+    save_suffix(finetune, tmp_path / "suffix", base_model=str(tmp_path / "base"))
+    check(run_client(hub, tmp_path, f"""
+        from hf_freeze.hub import push_folder
+        push_folder({str(tmp_path / "suffix")!r}, "user/hot-suffix")
+    """))
+    assert "suffix.safetensors" in hub.repos["user/hot-suffix"].files
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer admin"}
+    process = subprocess.Popen([sys.executable, "-m", "hf_freeze.serving.cli", "serve", "--base",
+                                str(tmp_path / "base"), "--port", str(port), "--admin-token", "admin"],
+                               env=client_env(hub, tmp_path), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+        loaded = httpx.post(f"{url}/admin/models", json={"name": "hot", "path": "user/hot-suffix"}, headers=auth,
+                            timeout=60)
+        assert loaded.status_code == 201, loaded.text
+        assert loaded.json()["boundary"] == 2 and loaded.json()["shares_prefix"]
+
+        def served(ids):
+            answer = httpx.post(f"{url}/predict", json={"inputs": ids, "model": "hot", "raw_scores": True})
+            assert answer.status_code == 200, answer.text
+            return torch.tensor([x["score"] for x in sorted(answer.json(), key=lambda x: x["label"])])
+
+        inputs = ([5, 9, 33, 2], [7, 8])
+        with torch.no_grad():
+            expected = [finetune(input_ids=torch.tensor([ids])).logits[0] for ids in inputs]
+        for ids, want in zip(inputs, expected):
+            torch.testing.assert_close(served(ids), want, rtol=1e-5, atol=1e-5)
+        unknown = httpx.post(f"{url}/admin/models", json={"name": "nope", "path": "user/not-on-the-hub"},
+                             headers=auth, timeout=60)
+        assert unknown.status_code == 422, unknown.text
+        assert unknown.json()["error_type"] == "bad_model_source"
+        assert "user/not-on-the-hub is not on the Hub" in unknown.json()["error"], unknown.text
+        torch.testing.assert_close(served(inputs[0]), expected[0], rtol=1e-5, atol=1e-5)  # traffic continues
+        assert [m["name"] for m in httpx.get(f"{url}/info").json()["models"]] == ["base", "hot"]
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fsdp import full_tensor
+from .fsdp import DTensor, full_tensor
 from .layout import BlockLayout
 
 _DIGEST_SIZE = 16
@@ -120,9 +120,20 @@ def unit_stamp(layout: BlockLayout, unit: int) -> tuple[tuple, list[weakref.ref]
                     stamp.append((position, name, "disk", id(loader), key))
                     continue
             refs.append(weakref.ref(tensor))
-            stamp.append((position, name, id(tensor), tensor.data_ptr(), tensor._version, tuple(tensor.shape),
+            stamp.append((position, name, id(tensor), _storage_address(tensor), tensor._version, tuple(tensor.shape),
                           tensor.dtype, tensor.device))
     return tuple(stamp), refs
+
+
+def _storage_address(tensor: torch.Tensor) -> int:
+    """Where `tensor`'s values live: for a DTensor sharded by FSDP2 (whose own `data_ptr()` is 0), its local shard's.
+    The DTensor itself is stamped by identity and version: FSDP2 keeps the one sharded parameter for the whole run,
+    and its version counter moves with every in-place write (an optimizer step), while the local shard that
+    `to_local()` returns is a new object at each call."""
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():
+            return tensor.to_local().data_ptr()
+    return tensor.data_ptr()
 
 
 def chain_digests(digests: list[str], seed: str = "") -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..freezing import frozen_boundary
 from ..fsdp import all_ranks_agree
 from ..layout import execution_device
 from .keys import example_digests, last_real_positions
@@ -249,7 +250,17 @@ class BatchCache:
     def _states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
                 ) -> torch.Tensor | None:
         with self.cache.same_weights():  # the fingerprints are checked once per batch, against the weights as they are
+            if self.lockstep:  # FSDP2: fingerprints gather sharded weights, so every rank computes all, in one order
+                self.cache.pin_fingerprints(self._boundaries_to_check(boundary))
             return self._batch_states(inputs, keys, boundary, store=store)
+
+    def _boundaries_to_check(self, boundary: int) -> list[int]:
+        """Every boundary whose fingerprint a batch at `boundary` may read: its own (stores) and those of entries
+        it may find. The frozen ones are all listed (remembered, they cost no hashing), so the list is the same on
+        every rank even if the ranks' manifests were not; above the frozen prefix, the manifest's."""
+        frozen = frozen_boundary(self.cache.model) or 0
+        recorded = {int(b) for b in self.cache.manifest["prefix"] if int(b) <= boundary}
+        return sorted(set(range(1, min(boundary, frozen) + 1)) | recorded | {boundary})
 
     def _batch_states(self, inputs: Mapping[str, Any], keys: torch.Tensor, boundary: int, *, store: bool
                       ) -> torch.Tensor | None:

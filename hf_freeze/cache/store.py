@@ -29,7 +29,7 @@ import logging
 import os
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,19 @@ class PrefixCache:
             yield
         finally:
             self._pinned = outer
+
+    def pin_fingerprints(self, boundaries: Iterable[int]) -> None:
+        """Within `same_weights()`, compute the fingerprints of `boundaries` now, in ascending order, so that the
+        lookups and stores that follow only read them.
+
+        Under FSDP2 a fingerprint that is not remembered gathers sharded weights (collectives every rank must call
+        in the same order), while `get` fingerprints only the boundaries of the entries this rank holds: the cache
+        of a lockstep batch pins every boundary the batch may need, on every rank alike, first.
+        """
+        if self._pinned is None:
+            raise RuntimeError("pin_fingerprints() pins for one batch: call it inside `with cache.same_weights():`.")
+        for boundary in sorted(set(boundaries)):
+            self.fingerprint(boundary)
 
     # ---- lookups ----
 

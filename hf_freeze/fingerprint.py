@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .fsdp import DTensor, full_tensor
+from .fsdp import DTensor, all_ranks_agree, full_tensor, is_distributed, is_fsdp2
 from .layout import BlockLayout
 
 _DIGEST_SIZE = 16
@@ -91,18 +91,29 @@ def unit_digests(model: nn.Module, layout: BlockLayout, upto_boundary: int, *, f
     docstring); the others are always recomputed.
     """
     memo = _MEMOS.setdefault(model, _Memo())
-    frozen_units = -1 if frozen_boundary is None else frozen_boundary  # units 0..frozen_boundary are frozen
+    frozen_units = min(upto_boundary, -1 if frozen_boundary is None else frozen_boundary)  # 0..frozen_units frozen
+    stamps = [unit_stamp(layout, unit) for unit in range(frozen_units + 1)]
+    holds = [memo.units.get(unit) is not None and memo.units[unit].holds(stamp)
+             for unit, (stamp, _) in enumerate(stamps)]
+    if holds and _sharded(model):
+        # Hashing a sharded unit gathers it (collectives): every rank must hash the same units, but whether a
+        # stamp still holds may differ per rank (an unsharded copy's address is the allocator's choice).
+        holds = list(all_ranks_agree(*holds))
     digests = []
     for unit in range(upto_boundary + 1):
         if unit > frozen_units:
             digests.append(unit_digest(layout, unit))
             continue
-        stamp, refs = unit_stamp(layout, unit)
-        remembered = memo.units.get(unit)
-        if remembered is None or not remembered.holds(stamp):
-            remembered = memo.units[unit] = _Remembered(stamp, refs, unit_digest(layout, unit))
-        digests.append(remembered.value)
+        if not holds[unit]:
+            stamp, refs = stamps[unit]
+            memo.units[unit] = _Remembered(stamp, refs, unit_digest(layout, unit))
+        digests.append(memo.units[unit].value)
     return digests
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether `model` is sharded by FSDP2 across several ranks (its digests then take collectives)."""
+    return is_distributed() and is_fsdp2(model)
 
 
 def unit_stamp(layout: BlockLayout, unit: int) -> tuple[tuple, list[weakref.ref]]:
@@ -159,7 +170,7 @@ def prefix_fingerprint(
     if not 0 <= boundary <= layout.num_blocks:
         raise ValueError(f"A prefix fingerprint needs 0 <= boundary <= {layout.num_blocks}, got {boundary}.")
     frozen = frozen_boundary is not None and boundary <= frozen_boundary
-    if not frozen:
+    if not frozen or _sharded(model):  # under FSDP2 the ranks agree on what is remembered in `unit_digests`
         return chain_digests(unit_digests(model, layout, boundary, frozen_boundary=frozen_boundary), seed)
     # The cache asks once per batch: chain a frozen prefix once while its weights stay the same.
     stamps = [unit_stamp(layout, unit) for unit in range(boundary + 1)]
@@ -171,6 +182,25 @@ def prefix_fingerprint(
         remembered = memo.chains[(seed, boundary)] = _Remembered(stamp, [r for _, refs in stamps for r in refs],
                                                                  fingerprint)
     return remembered.value
+
+
+def prefix_fingerprints(
+    model: nn.Module, layout: BlockLayout, boundaries: Iterable[int], *, seed: str = "",
+    frozen_boundary: int | None = None,
+) -> dict[int, str]:
+    """`prefix_fingerprint` of several boundaries, from one pass over the units up to the largest."""
+    wanted = sorted(set(boundaries))
+    if not wanted:
+        return {}
+    if not 0 <= wanted[0] <= wanted[-1] <= layout.num_blocks:
+        raise ValueError(f"A prefix fingerprint needs 0 <= boundary <= {layout.num_blocks}, got {wanted}.")
+    fingerprints = {}
+    chained = seed
+    for unit, digest in enumerate(unit_digests(model, layout, wanted[-1], frozen_boundary=frozen_boundary)):
+        chained = chain_digests([digest], chained)
+        if unit in wanted:
+            fingerprints[unit] = chained
+    return fingerprints
 
 
 def forget_digests(model: nn.Module) -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_text_atomic
-from ..fingerprint import prefix_fingerprint
+from ..fingerprint import prefix_fingerprint, prefix_fingerprints
 from ..freezing import frozen_boundary
 from ..fsdp import model_class
 from ..layout import BlockLayout
@@ -143,8 +143,8 @@ class PrefixCache:
         """
         if self._pinned is None:
             raise RuntimeError("pin_fingerprints() pins for one batch: call it inside `with cache.same_weights():`.")
-        for boundary in sorted(set(boundaries)):
-            self.fingerprint(boundary)
+        self._pinned.update(prefix_fingerprints(self.model, self.layout, boundaries, seed=self.model_fingerprint,
+                                                frozen_boundary=frozen_boundary(self.model)))
 
     # ---- lookups ----
 

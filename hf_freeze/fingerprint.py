@@ -16,6 +16,8 @@ unchanged, so any change to its weights invalidates it:
 - `param.data = other` points the same object at another storage: another address.
 Writes *through* `.data` (`param.data.copy_(x)`) bypass the version counter and are not seen: call
 `forget_digests(model)` after one.
+Under FSDP2, hashing a sharded unit gathers it (a collective every rank must call alike): the ranks agree, with one
+small all-reduce, on which remembered digests still hold, and recompute a unit when any rank's stamp changed.
 Digests of trainable units are always recomputed. Parameters that Accelerate offloaded (they sit on the `meta`
 device until their hook loads them) are read from the hook's weights map and stamped by its in-memory tensor (CPU
 offload) or by their file entry (disk offload, written once by Accelerate and never changed by training).

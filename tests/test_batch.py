@@ -6,6 +6,7 @@ import torch
 from conftest import TRAINABLE_CASES, tiny_batch, tiny_model
 
 from hf_freeze import PrefixCache, freeze_prefix, get_layout
+from hf_freeze.cache import store as store_module
 from hf_freeze.cache.batch import BatchCache, CacheVerdict, TrainingProgress, synchronize, will_see_again
 from hf_freeze.cache.keys import example_digests
 from hf_freeze.cache.runner import PrefixRunner
@@ -95,6 +96,25 @@ def test_advancing_the_boundary_reuses_older_states(family, head):
     assert_close(loss_and_grads(model, batch), cached)
     assert all(provider.cache.get(int(k), d, 3).boundary == 3 for k, d in zip(keys, example_digests(
         {k: v for k, v in batch.items() if k != "labels"}, ())))
+
+
+def test_a_lockstep_batch_fingerprints_every_boundary_first_whatever_entries_this_rank_holds(monkeypatch):
+    # Under FSDP2 a fingerprint gathers sharded weights (collectives every rank must call in the same order), but
+    # which entries a rank finds is its own: a lockstep batch pins all its boundaries before any lookup or store.
+    model = tiny_model("bert")
+    freeze_prefix(model, 1)
+    layout = get_layout(model)
+    provider = BatchCache(PrefixRunner(model, layout), PrefixCache(model, layout), ["labels"], lockstep=True)
+    batch, keys = tiny_batch(model, "seq"), torch.tensor([0, 1, 2])
+    provider.states_for({k: v[:1] for k, v in batch.items()}, keys[:1], 1)  # this rank holds one entry, at 1
+    freeze_prefix(model, 3)
+    pinned = []
+    real = store_module.prefix_fingerprints
+    monkeypatch.setattr(store_module, "prefix_fingerprints",
+                        lambda *a, **k: pinned.append(sorted(a[2])) or real(*a, **k))
+    monkeypatch.setattr(store_module, "prefix_fingerprint", lambda *a, **k: pytest.fail("fingerprint outside the pins"))
+    provider.states_for(batch, keys, 3)
+    assert pinned == [[1, 2, 3]] and provider.stats.misses == 1 + 3  # not every row hit: all computed
 
 
 def test_changed_inputs_miss_instead_of_reading_a_wrong_entry():

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 from hf_freeze import find_layout, freeze_prefix, unfreeze
-from hf_freeze.fingerprint import chain_digests, prefix_fingerprint, unit_digest, unit_digests
+from hf_freeze.fingerprint import chain_digests, prefix_fingerprint, prefix_fingerprints, unit_digest, unit_digests
 
 
 def tiny_bert(cls=BertForSequenceClassification, seed=0):
@@ -51,6 +51,26 @@ def test_frozen_units_are_hashed_once_while_unchanged(monkeypatch):
     calls.clear()
     unit_digests(model, layout, 1, frozen_boundary=1)
     assert calls == [0, 1]
+
+
+def test_under_fsdp2_a_unit_is_hashed_again_when_another_rank_does_not_remember_it(monkeypatch):
+    # Hashing a sharded unit gathers it (a collective): every rank must hash the same units, so a digest this rank
+    # still remembers is recomputed when another rank's stamp no longer holds (the all-reduce says so).
+    model = tiny_bert()
+    freeze_prefix(model, 2)
+    layout = find_layout(model)
+    reference = prefix_fingerprints(model, layout, [1, 2], frozen_boundary=2)
+    assert reference == {b: prefix_fingerprint(model, layout, b) for b in (1, 2)}
+    calls, asked = [], []
+    monkeypatch.setattr("hf_freeze.fingerprint.unit_digest",
+                        lambda lay, unit: calls.append(unit) or unit_digest(lay, unit))
+    monkeypatch.setattr("hf_freeze.fingerprint._sharded", lambda m: True)
+    monkeypatch.setattr("hf_freeze.fingerprint.all_ranks_agree",  # the other rank remembers unit 0 only
+                        lambda *holds: asked.append(holds) or (holds[0], False, False))
+    assert prefix_fingerprints(model, layout, [1, 2], frozen_boundary=2) == reference
+    assert asked == [(True, True, True)] and calls == [1, 2]
+    assert prefix_fingerprint(model, layout, 2, frozen_boundary=2) == reference[2]  # no chain memo: agreed too
+    assert len(asked) == 2 and calls == [1, 2, 1, 2]
 
 
 def test_a_boundary_outside_the_model_is_refused():

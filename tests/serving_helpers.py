@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import time
+
+import httpx
 import torch
 from conftest import tiny_model
 
@@ -33,3 +38,14 @@ def random_ids(count: int, seed: int, min_len: int = 2, max_len: int = 11, vocab
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (count,), generator=g)
     return [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in lengths]
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Poll `url/health` until a server started as `process` answers 200; fail if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        assert process.poll() is None and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.2)

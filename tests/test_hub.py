@@ -3,14 +3,12 @@
 The uploads and downloads run in subprocesses: huggingface_hub reads `HF_ENDPOINT` when it is imported.
 """
 
-import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 from hub_server import TOKEN, HubServer
 from huggingface_hub import ModelCard
+from serving_helpers import wait_until_healthy
 from test_checkpoint import fine_tuned, logits
 
 from hf_freeze import FreezeConfig
@@ -309,13 +308,7 @@ def test_a_suffix_on_the_hub_is_hot_loaded_by_its_id_into_a_running_server(hub, 
                                 str(tmp_path / "base"), "--port", str(port), "--admin-token", "admin"],
                                env=client_env(hub, tmp_path), stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(process, url)
         loaded = httpx.post(f"{url}/admin/models", json={"name": "hot", "path": "user/hot-suffix"}, headers=auth,
                             timeout=60)
         assert loaded.status_code == 201, loaded.text

@@ -4,7 +4,6 @@ gets its 4xx JSON error and the server keeps serving, and a bounded loopback loa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -22,7 +21,7 @@ import psutil
 import pytest
 import torch
 from conftest import tiny_model
-from serving_helpers import perturbed_finetune, random_ids
+from serving_helpers import perturbed_finetune, random_ids, wait_until_healthy
 from transformers import AutoTokenizer
 
 from hf_freeze import assets, freeze_prefix
@@ -335,13 +334,7 @@ def test_cli_serves_suffix_checkpoints_and_refuses_one_of_another_base(tmp_path,
                                               "--port", str(port)), env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
+        wait_until_healthy(process, url)
         info = httpx.get(f"{url}/info").json()
         assert {m["name"]: m["boundary"] for m in info["models"]} == {"base": 4, "ft": 2}
         ids = [5, 9, 33, 2]

@@ -26,7 +26,7 @@ from torch.utils.data import Sampler
 
 from .atomic import write_text_atomic
 from .freezing import uses_activation_checkpointing
-from .fsdp import check_fsdp
+from .fsdp import StepBytes, check_fsdp
 
 CACHE_WORLD_FILE = "world.json"
 
@@ -111,7 +111,7 @@ def rebuild_ddp(wrapper: nn.parallel.DistributedDataParallel, *, find_unused_par
     return nn.parallel.DistributedDataParallel(wrapper.module, **kwargs)
 
 
-class AllReduceMeter:
+class AllReduceMeter(StepBytes):
     """A DDP communication hook that all-reduces as DDP's default does and counts the bytes sent.
 
     Example:
@@ -123,19 +123,9 @@ class AllReduceMeter:
         ```
     """
 
-    def __init__(self) -> None:
-        self.pending_bytes = 0
-        self.step_bytes: list[int] = []
-
     def attach(self, wrapper: nn.parallel.DistributedDataParallel) -> None:
         """Register the hook on a DDP wrapper that has not run a backward yet."""
         wrapper.register_comm_hook(self, _counting_allreduce)
-
-    def end_step(self) -> int:
-        """Close the current optimizer step; returns the bytes it all-reduced."""
-        sent, self.pending_bytes = self.pending_bytes, 0
-        self.step_bytes.append(sent)
-        return sent
 
 
 def _counting_allreduce(meter, bucket):  # no annotations: DDP checks them, and they are strings in this module

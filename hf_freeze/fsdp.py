@@ -237,7 +237,22 @@ def _local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
 
 
-class ReduceScatterMeter:
+class StepBytes:
+    """Bytes a communication hook counts during the current optimizer step (`pending_bytes`), closed into
+    `step_bytes` by `end_step`: the base of this module's `ReduceScatterMeter` and DDP's `AllReduceMeter`."""
+
+    def __init__(self) -> None:
+        self.pending_bytes = 0
+        self.step_bytes: list[int] = []
+
+    def end_step(self) -> int:
+        """Close the current optimizer step; returns the bytes counted during it."""
+        sent, self.pending_bytes = self.pending_bytes, 0
+        self.step_bytes.append(sent)
+        return sent
+
+
+class ReduceScatterMeter(StepBytes):
     """Counts the bytes FSDP2 reduce-scatters per optimizer step (the gradients of the parameters that train).
 
     Example:
@@ -250,8 +265,7 @@ class ReduceScatterMeter:
     """
 
     def __init__(self) -> None:
-        self.pending_bytes = 0
-        self.step_bytes: list[int] = []
+        super().__init__()
         self.attached_to: nn.Module | None = None
 
     def attach(self, model: nn.Module) -> None:
@@ -264,12 +278,6 @@ class ReduceScatterMeter:
                 except ValueError:  # several parameter groups (per-parameter meshes): left uncounted
                     logger.debug("hf_freeze: reduce-scatters of %s not counted.", type(module).__name__)
         self.attached_to = model
-
-    def end_step(self) -> int:
-        """Close the current optimizer step; returns the bytes it reduce-scattered."""
-        sent, self.pending_bytes = self.pending_bytes, 0
-        self.step_bytes.append(sent)
-        return sent
 
 
 def _counting_reduce_scatter(meter: ReduceScatterMeter):

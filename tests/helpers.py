@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import datasets
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -95,3 +101,16 @@ def run_trainer(model, args, train, callbacks=(), collator=None, trainer_cls=Tra
     trainer = trainer_cls(model=model, args=args, train_dataset=train, data_collator=collator or PadCollator(),
                           callbacks=list(callbacks), **kwargs)
     return trainer
+
+
+def run_two_ranks(worker: str, out: Path, timeout: float) -> list[dict]:
+    """Run `tests/<worker>` in two CPU processes (gloo, `torch.distributed.run --standalone`: a local rendezvous on a
+    free port, so parallel test runs never collide) and return what each rank wrote to `out/rank<r>.json`."""
+    here = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(here / worker), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -1,10 +1,6 @@
 """Data parallelism: the refused modes, DDP rebuilt over the active blocks (gloo on the CPU, two processes),
 rank-stable sharding for the cache, and the checks that ranks and cache folders agree."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from conftest import tiny_batch, tiny_model
+from helpers import run_two_ranks
 
 from hf_freeze import FreezeCallback, FreezeConfig
 from hf_freeze.distributed import ParallelModeError, RankStableSampler, check_cache_world, check_parallel_mode
@@ -27,15 +24,7 @@ TOLERANCE = 1e-3  # relative, per logged step: see the loss-curve test
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    # --standalone: a local rendezvous on a free port, so parallel test runs never collide
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "ddp_worker.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks("ddp_worker.py", tmp_path_factory.mktemp("ddp"), timeout=600)
 
 
 def test_two_ranks_freeze_the_same_prefix_and_stay_identical(ranks):

@@ -1,16 +1,13 @@
 """FSDP2 with a moving frozen prefix (fsdp.py): two gloo ranks on the CPU, sharded by Accelerate's own
 `fsdp2_prepare_model` (see fsdp_worker.py), against the DDP run of the same config; and the one-process pieces."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_model
+from helpers import run_two_ranks
 
 from hf_freeze.distributed import ParallelModeError, check_parallel_mode
 from hf_freeze.fsdp import FSDP1_REFUSAL, check_fsdp, model_class, requested_fsdp_version, sharded_square_sums
@@ -20,15 +17,8 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(HERE / "fsdp_worker.py"), str(out)]
     # ~30 s here; ranks that took different paths would hang in a collective until this timeout
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_two_ranks("fsdp_worker.py", tmp_path_factory.mktemp("fsdp"), timeout=300)
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -41,33 +41,29 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class PredictBody(_Body):
+class _FanOutBody(_Body):
+    """What /predict, /embed and /score share: inputs for one model (`model`) or a fan-out (`models`)."""
+
+    inputs: Inputs
+    model: ModelName = None
+    models: FanOut = None
+    truncate: Truncate = False
+
+
+class PredictBody(_FanOutBody):
     """`POST /predict`: sequence classification."""
 
-    inputs: Inputs
-    model: ModelName = None
-    models: FanOut = None
     raw_scores: bool = Field(False, description="logits instead of probabilities")
-    truncate: Truncate = False
 
 
-class EmbedBody(_Body):
+class EmbedBody(_FanOutBody):
     """`POST /embed`: pooled last hidden states."""
 
-    inputs: Inputs
-    model: ModelName = None
-    models: FanOut = None
     normalize: bool = Field(True, description="scale each vector to unit L2 norm")
-    truncate: Truncate = False
 
 
-class ScoreBody(_Body):
+class ScoreBody(_FanOutBody):
     """`POST /score`: log-likelihood of each token after the first, under a causal LM."""
-
-    inputs: Inputs
-    model: ModelName = None
-    models: FanOut = None
-    truncate: Truncate = False
 
 
 class GenerateParameters(_Body):

@@ -69,10 +69,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from . import schemas
+from . import hf_compat, openai, schemas
 from .admin import admin_router
 from .batching import DynamicBatcher
-from .context import RouteContext
+from .context import RouteContext, token_events
 from .engine import ServedModel, ServingEngine
 from .fanout import fanout_models
 from .metrics import ServingMetrics
@@ -311,7 +311,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
                               ) -> AsyncIterator[schemas.StreamEvent | schemas.ErrorBody]:
         """Server-sent events, one per new token (text-generation-inference's shape); the last one carries
         `generated_text` and `details`. An error after the stream started is one `ErrorBody` event."""
-        async for event in _token_events(*stream, tokenizer):
+        async for event in token_events(*stream, tokenizer):
             yield event
 
     @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.ErrorBody}})
@@ -333,9 +333,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         queued.set(batcher.queued)
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls (imported
-    # here: they import this module)
-    from . import hf_compat, openai
+    # stock clients: OpenAI's (/v1/...) and Hugging Face's (POST /), translated onto the same calls
     context = RouteContext(engine, tokenizer, parse, run, generation_requests, start_stream, app.router.route_class,
                            lambda build: _json_answer(build, observed))
     app.include_router(openai.router(context))
@@ -386,47 +384,6 @@ async def _cancel_on_disconnect(client: HttpRequest, futures: list[Any]) -> None
         pass
     for future in futures:
         future.cancel()
-
-
-async def _token_events(future: Future, events: asyncio.Queue, tokenizer: Any) -> AsyncIterator[dict[str, Any]]:
-    """The events of one streamed generation (`schemas.StreamEvent`, or an `ErrorBody`); closing the stream (the
-    client went away) cancels the future, which stops the row at the next decoding step."""
-    generated: list[int] = []
-    text = ""
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    try:
-        while True:
-            event = await events.get()
-            if event is None:  # the future is done; its tokens were all sent before this
-                if not future.cancelled() and future.exception() is not None:
-                    yield _stream_error(future.exception())
-                return
-            token, logprob, result = event
-            generated.append(token)
-            piece = None
-            if tokenizer is not None:  # the new text: what decoding all tokens so far adds
-                decoded = tokenizer.decode(generated, skip_special_tokens=False)
-                piece, text = decoded[len(text):], decoded
-            payload = {"index": len(generated), "token": {"id": token, "text": piece, "logprob": logprob,
-                                                          "special": token in special},
-                       "generated_text": None, "details": None}
-            if result is not None:
-                payload["generated_text"] = (tokenizer.decode(result.token_ids, skip_special_tokens=True)
-                                             if tokenizer is not None else None)
-                payload["details"] = {"finish_reason": result.finish_reason,
-                                      "generated_tokens": len(result.token_ids)}
-            yield payload
-    finally:
-        future.cancel()
-
-
-def _stream_error(error: BaseException) -> dict[str, str]:
-    """The error event of a stream that failed after it started: a refusal says why; anything else is logged and
-    named without internals (as a 500 is)."""
-    if isinstance(error, ServingError):
-        return {"error": str(error), "error_type": error.error_type}
-    logger.error("A streamed generation failed", exc_info=error)
-    return {"error": "Generation failed; the server's log has the details.", "error_type": "generation"}
 
 
 _CLIENT_CLOSED = {"model": schemas.ErrorBody, "description": "The client left before its answer; its rows were "

@@ -35,8 +35,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, model_validator
 
 from . import schemas
-from .app import _token_events
-from .context import RouteContext
+from .context import RouteContext, token_events
 from .requests import MAX_NEW_TOKENS, MAX_SEED, EmbedRequest, Request, ServingError
 
 _TGI_FINISH = {"eos": "eos_token", "length": "length"}
@@ -205,7 +204,7 @@ async def _generate(context: RouteContext, body: RootBody, params: TGIParameters
     tokenizer = context.tokenizer
     if body.stream:
         future, events = await context.start_stream(native, request)
-        return StreamingResponse(_tgi_events(_token_events(future, events, tokenizer), params.seed, len(ids[0])),
+        return StreamingResponse(_tgi_events(token_events(future, events, tokenizer), params.seed, len(ids[0])),
                                  media_type="text/event-stream")
     requests, _ = await context.generation_requests(native, request)
     results = await context.run("generate", requests, client=request)

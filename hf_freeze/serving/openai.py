@@ -38,8 +38,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
 
 from . import schemas
-from .app import _stream_error
-from .context import RouteContext
+from .context import RouteContext, stream_error
 from .openai_schemas import ChatBody, CompletionBody, EmbeddingBody, OpenAIErrorBody
 from .requests import EmbedRequest, ServingError
 
@@ -157,7 +156,7 @@ async def _chunks(future: Future, events: asyncio.Queue, tokenizer: Any, head: d
             event = await events.get()
             if event is None:
                 if not future.cancelled() and future.exception() is not None:
-                    error = _stream_error(future.exception())
+                    error = stream_error(future.exception())
                     yield _event({"error": {"message": error["error"], "type": "server_error", "param": None,
                                             "code": error["error_type"]}})
                     return

@@ -8,16 +8,22 @@
 #
 # Stages: frontier (full fine-tuning at 1 and 2 epochs with their own schedule, and at the protocol's epochs with
 # learning rates 1e-4 and 2e-4, on every workload and seed), speeches (the convention-speeches workload's protocol
-# at its 10 epochs), shareable (the default policy with `shareable_prefix=true` beside the plain one).
+# at its 10 epochs), shareable (the default policy with `shareable_prefix=true` beside the plain one), approaches (the
+# approaches aimed at the frontier: the default with larger or re-warmed steps for what still trains, and freezing
+# at the workload's best full fine-tuning rate where the frontier stage has found one). WORKLOADS picks workloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-STAGES=${STAGES:-"frontier speeches shareable"}
+STAGES=${STAGES:-"frontier speeches shareable approaches"}
+WORKLOADS=${WORKLOADS:-"rt debates smollm2 speeches"}
 SEEDS=${SEEDS:-"42 1 2"}
 R="--runs-dir benchmarks/results/decision/runs --reuse --skip-ideal"
 FRONTIER=(full:epochs=1 full:epochs=2 full:learning_rate=1e-4 full:learning_rate=2e-4)
 SPEECHES_FRONTIER=(full:epochs=1 full:epochs=2 full:epochs=3 full:epochs=5 full:learning_rate=1e-4 full:learning_rate=2e-4)
 B3='cache:budget:target_speedup=3.0,budget_plan="switch"'
+APPROACHES=(cache:gradnorm:active_lr_scale=3.0 cache:gradnorm:active_lr_rewarm=true)
+# the best 3-epoch full fine-tuning rate of the frontier stage (mean of 3 seeds), where it is not the protocol's
+declare -A BEST_RATE=([debates]=2e-4)
 
 # workload -> its flags (the same as the committed runs of benchmarks/results/decision/runs)
 declare -A FLAGS=(
@@ -35,19 +41,30 @@ run() {  # workload seed methods...
       --methods "$@"
 }
 
+wanted() { [[ " $WORKLOADS " == *" $1 "* ]]; }
+
 for seed in $SEEDS; do
   if [[ " $STAGES " == *" frontier "* ]]; then
     for workload in rt debates smollm2; do
-      run "$workload" "$seed" full "${FRONTIER[@]}"
+      wanted "$workload" && run "$workload" "$seed" full "${FRONTIER[@]}"
     done
   fi
-  if [[ " $STAGES " == *" speeches "* ]]; then
+  if [[ " $STAGES " == *" speeches "* ]] && wanted speeches; then
     run speeches "$seed" full "${SPEECHES_FRONTIER[@]}" cache:gradnorm "$B3" "$B3,active_lr_scale=3.0" \
         cache:fixed cache:schedule lora
   fi
   if [[ " $STAGES " == *" shareable "* ]]; then
     for workload in rt debates smollm2 speeches; do
-      run "$workload" "$seed" cache:gradnorm cache:gradnorm:shareable_prefix=true
+      wanted "$workload" && run "$workload" "$seed" cache:gradnorm cache:gradnorm:shareable_prefix=true
+    done
+  fi
+  if [[ " $STAGES " == *" approaches "* ]]; then
+    for workload in rt debates smollm2 speeches; do
+      wanted "$workload" || continue
+      tuned=()
+      rate=${BEST_RATE[$workload]:-}
+      [[ -n $rate ]] && tuned=("cache:gradnorm:learning_rate=$rate" "$B3,learning_rate=$rate")
+      run "$workload" "$seed" "${APPROACHES[@]}" "${tuned[@]}"
     done
   fi
 done

@@ -193,17 +193,27 @@ class FreezeCallback(TrainerCallback, ExportableState):
         control.should_log = control.should_log or state.global_step > 0
 
     def _scale_learning_rate(self, lr_scheduler, previous: int | None, boundary: int) -> None:
-        """`active_lr_scale`: move the schedule's base rates (and the current rates) to the new boundary's factor.
-        The factor lives in the scheduler's `base_lrs`, which Trainer checkpoints, so a resumed run keeps it."""
-        if self.config.active_lr_scale == 1 or lr_scheduler is None:
+        """`active_lr_scale` and `active_lr_rewarm`: move the schedule's base rates (and the current rates) to the new
+        boundary's factor, and with re-warming scale them so the current rate is back at the (scaled) peak. The factor
+        lives in the scheduler's `base_lrs`, which Trainer checkpoints, so a resumed run keeps it."""
+        rewarm = self.config.active_lr_rewarm
+        if (self.config.active_lr_scale == 1 and not rewarm) or lr_scheduler is None:
             return
         inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
         units = self.policy.num_blocks + 1
-        ratio = self.config.active_lr_scale ** ((units_of(boundary) - units_of(previous)) / units)
-        inner.base_lrs = [base * ratio for base in inner.base_lrs]
-        for group in inner.optimizer.param_groups:
+        scale = self.config.active_lr_scale
+        ratios = [scale ** ((units_of(boundary) - units_of(previous)) / units)] * len(inner.base_lrs)
+        groups = inner.optimizer.param_groups
+        if rewarm:
+            # the peak is the group's initial rate (torch keeps it in the group, so it is checkpointed) at this
+            # boundary's scale; scaling the base by peak / current keeps the schedule's shape for the rest of the run
+            peak = scale ** (units_of(boundary) / units)
+            ratios = [group.get("initial_lr", base) * peak / group["lr"] if group["lr"] > 0 else ratio
+                      for group, base, ratio in zip(groups, inner.base_lrs, ratios)]
+        inner.base_lrs = [base * ratio for base, ratio in zip(inner.base_lrs, ratios)]
+        for group, ratio in zip(groups, ratios):
             group["lr"] *= ratio
-        inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]  # what Trainer logs
+        inner._last_lr = [group["lr"] for group in groups]  # what Trainer logs
 
     def _place_boundary_dropout(self, model: torch.nn.Module) -> None:
         """Keep `boundary_dropout`'s hook on the first active block (moved at each freeze)."""

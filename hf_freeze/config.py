@@ -115,6 +115,14 @@ class FreezeConfig:
             "(frozen units / units), so fewer trainable blocks take larger steps (1: the schedule is left alone)."
         },
     )
+    active_lr_rewarm: bool = field(
+        default=False,
+        metadata={
+            "help": "At each freeze, put the learning rate of what still trains back to the schedule's peak; it then "
+            "follows the schedule's shape down from there (under Trainer's linear decay: a fresh linear decay to zero "
+            "over the steps left). Combines with `active_lr_scale`, which sets the peak."
+        },
+    )
     shareable_prefix: bool = field(
         default=False,
         metadata={

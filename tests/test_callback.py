@@ -138,6 +138,26 @@ def test_active_lr_scale_raises_the_rate_of_what_still_trains_by_the_frozen_shar
     assert all(abs(b / a - 4 ** 0.8) < 1e-6 for a, b in zip(rates[0], rates[1]) if a > 0)
 
 
+@pytest.mark.parametrize("rewarm", [False, True])
+def test_active_lr_rewarm_restarts_the_linear_decay_at_each_freeze(tmp_path, rewarm):
+    model, recorder = tiny_model("bert", "seq"), LogRecorder()
+    config = FreezeConfig(policy="schedule", schedule="linear", freeze_start=0.3, freeze_level=0.75, interval=0.1,
+                          active_lr_rewarm=rewarm)
+    callback = FreezeCallback(config)
+    trainer = Trainer(model=model, args=training_args(tmp_path, logging_steps=1), train_dataset=token_dataset(),
+                      data_collator=PadCollator(), callbacks=[recorder, callback])
+    trainer.train()
+    freezes = [event["step"] for event in callback.timeline]
+    total, peak = trainer.state.max_steps, 1e-3
+    assert len(freezes) >= 2 and 0 < freezes[0] < freezes[1] < total
+    logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+    for step, rate in logged.items():  # the rate step `step` trained with
+        # re-warmed: a fresh linear decay to zero from the last freeze before it; plain: Trainer's one decay
+        start = max([s for s in freezes if s < step], default=0) if rewarm else 0
+        assert rate == pytest.approx(peak * (total - step + 1) / (total - start), rel=1e-6), step
+    assert (logged[freezes[1] + 1] == pytest.approx(peak)) == rewarm
+
+
 def test_boundary_dropout_reaches_a_prefix_frozen_before_training(tmp_path):
     from hf_freeze import freeze_prefix
 

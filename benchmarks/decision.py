@@ -297,8 +297,10 @@ def frontier_curve(methods: dict[str, dict[int, dict]], higher_is_better: bool,
     curve = []
     for i in range(steps + 1):
         speedup = lowest_speedup + (highest - lowest_speedup) * i / steps
-        gaps = [gap_of(frontier_score(fronts[s], full[s]["wall_seconds"] / speedup), score_of(full[s])[1],
-                       higher_is_better) for s in seeds]
+        scores = [frontier_score(fronts[s], full[s]["wall_seconds"] / speedup) for s in seeds]
+        if None in scores:  # past a seed's first point (rounding at `highest`, or `lowest_speedup` above it)
+            continue
+        gaps = [gap_of(score, score_of(full[s])[1], higher_is_better) for score, s in zip(scores, seeds)]
         curve.append((speedup, statistics.mean(gaps)))
     return curve
 

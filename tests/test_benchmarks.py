@@ -208,3 +208,14 @@ def test_the_repeat_runs_ideal_gain_is_what_the_skipped_blocks_cost():
     assert serving.repeat_ideal_gain(0.1, 0.1, 0.5) == 1.0
     assert serving.repeat_ideal_gain(0.9, 0.1, 0.5) == pytest.approx(0.95 / 0.55)
     assert serving.repeat_ideal_gain(0.9, 0.0, 0.0) == 1.0  # nothing skipped, nothing gained
+
+
+def test_frontier_curve_stops_where_a_seed_has_no_frontier_yet():
+    # the plot asks for speed-ups from 0.9 up to the earliest first point: full 300 s over 100 s = 3x; a seed whose
+    # frontier starts later (150 s: 2x) bounds it, and no speed-up beyond it reaches for a frontier that is not there
+    methods = {"full": {1: epoch_run(300.0, [(100.0, 0.80), (300.0, 0.84)]),
+                        2: epoch_run(300.0, [(150.0, 0.70), (300.0, 0.76)])}}
+    curve = decision.frontier_curve(methods, True, lowest_speedup=2.5)  # above seed 2's 2x: at most its point
+    assert all(speedup <= 2.0 + 1e-9 for speedup, _ in curve)
+    curve = decision.frontier_curve(methods, True, lowest_speedup=1.0)
+    assert curve[0] == (1.0, pytest.approx(0.0)) and max(s for s, _ in curve) <= 2.0 + 1e-9

@@ -63,6 +63,9 @@ LABELS = {
     "cache_gradnorm_learning_rate0.0002": "new: default at the best full rate (2e-4)",
     "cache_budget_target_speedup3.0_budget_planswitch_learning_rate0.0002": "new: budget 3x, switch at the best full "
                                                                              "rate (2e-4)",
+    "cache_budget_target_speedup3.0_budget_planswitch_active_lr_scale3.0_learning_rate0.0002":
+        "new: budget 3x, switch + active_lr_scale 3 at the best full rate (2e-4)",
+    "cache_schedule_learning_rate0.0002": "new: PipeTransformer's schedule at the best full rate (2e-4)",
 }
 
 
@@ -128,15 +131,16 @@ def time_to_target(run: dict, target: float, higher_is_better: bool) -> float | 
 # ---- full fine-tuning's frontier (pure arithmetic, tested in tests/test_benchmarks.py) ----
 
 
-def frontier_points(runs: Iterable[dict]) -> list[tuple[float, float]]:
-    """(wall-clock, score) of every evaluation during `train()` of full runs, and each run's end.
+def frontier_points(runs: Iterable[dict], ends_only: bool = False) -> list[tuple[float, float]]:
+    """(wall-clock, score) of every evaluation during `train()` of full runs, and each run's end (`ends_only`: the
+    ends alone, what a user gets by choosing the epochs or rate before training, with no pick among evaluations).
 
     The evaluation `finetune.py` runs after `train()` returned is left out as a point of its own (its wall-clock
     counts that evaluation); the run's end stands for it, at the run's wall-clock, with its final score.
     """
     points = []
     for run in runs:
-        for evaluation in run["evals"]:
+        for evaluation in [] if ends_only else run["evals"]:
             seconds, value = evaluation.get("wall_seconds"), eval_score(evaluation)
             if seconds is not None and value is not None and seconds <= run["wall_seconds"]:
                 points.append((seconds, value))
@@ -214,11 +218,12 @@ def format_equal_score(values: list[tuple[float, bool]]) -> str:
                    else "")
 
 
-def seed_fronts(methods: dict[str, dict[int, dict]], higher_is_better: bool) -> dict[int, list[tuple[float, float]]]:
-    """seed -> full fine-tuning's frontier from every full run of that seed."""
+def seed_fronts(methods: dict[str, dict[int, dict]], higher_is_better: bool,
+                ends_only: bool = False) -> dict[int, list[tuple[float, float]]]:
+    """seed -> full fine-tuning's frontier from every full run of that seed (`ends_only`: from their ends)."""
     seeds = {seed for method, by_seed in methods.items() if is_full(method) for seed in by_seed}
-    return {seed: pareto_front(frontier_points(by_seed[seed] for method, by_seed in methods.items()
-                                               if is_full(method) and seed in by_seed), higher_is_better)
+    return {seed: pareto_front(frontier_points((by_seed[seed] for method, by_seed in methods.items()
+                                                if is_full(method) and seed in by_seed), ends_only), higher_is_better)
             for seed in sorted(seeds)}
 
 
@@ -227,13 +232,13 @@ def summarize(workload: str, methods: dict[str, dict[int, dict]]) -> tuple[list[
     mean_full_wall = statistics.mean(run["wall_seconds"] for run in full.values())
     name, _ = score_of(next(iter(full.values())))
     higher = name == "accuracy %"
-    fronts = seed_fronts(methods, higher)
+    fronts, end_fronts = seed_fronts(methods, higher), seed_fronts(methods, higher, ends_only=True)
     rows, points = [], []
     for method, by_seed in methods.items():
         seeds = sorted(s for s in by_seed if s in full)
         if not seeds:
             continue
-        gaps, speedups, step_speedups, targets, frontier_gaps, equal_scores = [], [], [], [], [], []
+        gaps, speedups, step_speedups, targets, frontier_gaps, equal_scores, end_gaps = [], [], [], [], [], [], []
         for seed in seeds:
             run, reference = by_seed[seed], full[seed]
             gaps.append(gap_of(score_of(run)[1], score_of(reference)[1], higher))
@@ -244,6 +249,7 @@ def summarize(workload: str, methods: dict[str, dict[int, dict]]) -> tuple[list[
             targets.append(None if reached is None else reference["wall_seconds"] / reached)
             frontier_gaps.append(frontier_gap(run, fronts[seed], higher))
             equal_scores.append(equal_score_speedup(run, fronts[seed], higher))
+            end_gaps.append(frontier_gap(run, end_fronts[seed], higher)[0])
             points.append({"method": method, "seed": seed, "gap": gaps[-1], "speedup": speedups[-1],
                            "frontier_gap": frontier_gaps[-1][0], "within_frontier": frontier_gaps[-1][1],
                            "equal_score_speedup": equal_scores[-1][0], "equal_score_exact": equal_scores[-1][1]})
@@ -266,6 +272,7 @@ def summarize(workload: str, methods: dict[str, dict[int, dict]]) -> tuple[list[
             "frontier gap": statistics.mean(g for g, _ in frontier_gaps),
             "frontier gap sd": statistics.stdev(g for g, _ in frontier_gaps) if len(seeds) > 1 else float("nan"),
             "before frontier": f"{before}/{len(seeds)}",
+            "run-end frontier gap": statistics.mean(end_gaps),
             "speed-up at equal score": format_equal_score(equal_scores),
             "final boundary": ",".join(str(by_seed[s].get("final_boundary")) for s in seeds),
             "_key": method,
@@ -355,7 +362,7 @@ def main() -> None:
         image = plot(workload, rows, points, gap_label, curve)
         columns = ["method", "seeds", name, "gap", "gap sd", "worst gap", "speed-up", "speed-up range",
                    "vs mean full", "step-time speed-up", "to target (speed-up)", "frontier gap", "frontier gap sd",
-                   "before frontier", "speed-up at equal score", "final boundary"]
+                   "before frontier", "speed-up at equal score", "run-end frontier gap", "final boundary"]
         inventory = frontier_inventory(workload, methods)
         sections.append(f"### {WORKLOADS.get(workload, workload)}\n\ngap: {gap_label}, paired with full fine-tuning "
                         f"on the same seed; plot `{image.relative_to(RESULTS.parent.parent)}`; {inventory}\n\n"
@@ -371,7 +378,9 @@ def main() -> None:
              "accuracy points, perplexity % change); 'before frontier': seeds that finished before the frontier's "
              "first point, compared with that point; 'speed-up at equal score': the frontier's wall-clock to the "
              "method's score over the method's ('<=': a seed's score was below the first point, an upper bound; "
-             "'above': no full run reached it)")
+             "'above': no full run reached it); 'run-end frontier gap': the same against the frontier of full runs' "
+             "final scores alone (epochs or rate chosen before training; no pick among test evaluations, whose best "
+             "is biased upward on a small test split)")
     write_results("decision", {**payload, "title": title},
                   f"**{title}** (x86_64 2-core CPU, torch threads 2; summarized at commit {info['commit']})\n\n"
                   + "\n\n".join(sections))

@@ -63,7 +63,8 @@ for seed in $SEEDS; do
       wanted "$workload" || continue
       tuned=()
       rate=${BEST_RATE[$workload]:-}
-      [[ -n $rate ]] && tuned=("cache:gradnorm:learning_rate=$rate" "$B3,learning_rate=$rate")
+      [[ -n $rate ]] && tuned=("cache:gradnorm:learning_rate=$rate" "$B3,learning_rate=$rate"
+                               "$B3,active_lr_scale=3.0,learning_rate=$rate" "cache:schedule:learning_rate=$rate")
       run "$workload" "$seed" "${APPROACHES[@]}" "${tuned[@]}"
     done
   fi

@@ -130,6 +130,9 @@ def test_frontier_gap_is_paired_per_seed_over_every_full_run():
     seed1 = 83 - (81 + 2 * 60 / 110)
     assert row["frontier gap"] == pytest.approx((seed1 + 1.0) / 2)
     assert row["before frontier"] == "1/2"
+    # against run ends alone: seed 1's front is (90 s, 81) then (300 s, 84): 81 + 3 * 60 / 210 at 150 s; seed 2's
+    # only end (300 s, 76) is after the method's 80 s and is what it is compared with
+    assert row["run-end frontier gap"] == pytest.approx((83 - (81 + 3 * 60 / 210) + 71 - 76) / 2)
     # speed-up at equal score: seed 1 reaches 83% at 200 s (200 / 150), seed 2 reaches 71% at 125 s (125 / 80)
     assert row["speed-up at equal score"] == f"{(200 / 150 + 125 / 80) / 2:.2f}"
     assert next(r for r in rows if r["_key"] == "full_epochs1")["method"] == "full fine-tuning, 1 epoch"

@@ -54,13 +54,12 @@ for seed in $SEEDS; do
         cache:fixed cache:schedule lora
   fi
   if [[ " $STAGES " == *" shareable "* ]]; then
-    for workload in rt debates smollm2 speeches; do
-      wanted "$workload" && run "$workload" "$seed" cache:gradnorm cache:gradnorm:shareable_prefix=true
+    for workload in $WORKLOADS; do
+      run "$workload" "$seed" cache:gradnorm cache:gradnorm:shareable_prefix=true
     done
   fi
   if [[ " $STAGES " == *" approaches "* ]]; then
-    for workload in rt debates smollm2 speeches; do
-      wanted "$workload" || continue
+    for workload in $WORKLOADS; do
       tuned=()
       rate=${BEST_RATE[$workload]:-}
       [[ -n $rate ]] && tuned=("cache:gradnorm:learning_rate=$rate" "$B3,learning_rate=$rate"

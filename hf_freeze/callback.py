@@ -201,15 +201,15 @@ class FreezeCallback(TrainerCallback, ExportableState):
             return
         inner = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps the torch scheduler
         units = self.policy.num_blocks + 1
-        scale = self.config.active_lr_scale
-        ratios = [scale ** ((units_of(boundary) - units_of(previous)) / units)] * len(inner.base_lrs)
-        groups = inner.optimizer.param_groups
+        scale, groups = self.config.active_lr_scale, inner.optimizer.param_groups
+        step = scale ** ((units_of(boundary) - units_of(previous)) / units)  # the scale's move to this boundary
+        ratios = [step] * len(groups)
         if rewarm:
             # the peak is the group's initial rate (torch keeps it in the group, so it is checkpointed) at this
             # boundary's scale; scaling the base by peak / current keeps the schedule's shape for the rest of the run
             peak = scale ** (units_of(boundary) / units)
-            ratios = [group.get("initial_lr", base) * peak / group["lr"] if group["lr"] > 0 else ratio
-                      for group, base, ratio in zip(groups, inner.base_lrs, ratios)]
+            ratios = [group.get("initial_lr", base) * peak / group["lr"] if group["lr"] > 0 else step
+                      for group, base in zip(groups, inner.base_lrs)]
         inner.base_lrs = [base * ratio for base, ratio in zip(inner.base_lrs, ratios)]
         for group, ratio in zip(groups, ratios):
             group["lr"] *= ratio

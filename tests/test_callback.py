@@ -140,12 +140,11 @@ def test_active_lr_scale_raises_the_rate_of_what_still_trains_by_the_frozen_shar
 
 @pytest.mark.parametrize("rewarm", [False, True])
 def test_active_lr_rewarm_restarts_the_linear_decay_at_each_freeze(tmp_path, rewarm):
-    model, recorder = tiny_model("bert", "seq"), LogRecorder()
     config = FreezeConfig(policy="schedule", schedule="linear", freeze_start=0.3, freeze_level=0.75, interval=0.1,
                           active_lr_rewarm=rewarm)
     callback = FreezeCallback(config)
-    trainer = Trainer(model=model, args=training_args(tmp_path, logging_steps=1), train_dataset=token_dataset(),
-                      data_collator=PadCollator(), callbacks=[recorder, callback])
+    trainer = Trainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path, logging_steps=1),
+                      train_dataset=token_dataset(), data_collator=PadCollator(), callbacks=[callback])
     trainer.train()
     freezes = [event["step"] for event in callback.timeline]
     total, peak = trainer.state.max_steps, 1e-3

@@ -53,11 +53,14 @@ def test_model_frozen_by_hand_before_the_trainer_is_respected(tmp_path):
     assert all(torch.equal(before[n], v) for n, v in state_of(model).items() if "layer.0." in n or "layer.1." in n)
 
 
-@pytest.mark.parametrize(("family", "head"), [("bert", "seq"), ("llama", "causal")])
-def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, family, head):
+@pytest.mark.parametrize(("family", "head", "rates"), [
+    ("bert", "seq", {}), ("llama", "causal", {}),
+    ("bert", "seq", {"active_lr_scale": 2.0, "active_lr_rewarm": True}),  # rates moved at freezes survive a resume
+])
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, family, head, rates):
     causal = head == "causal"  # the tiny llama ties lm_head to the embeddings: resuming must untie it again
     data = token_dataset(size=48, labels=None if causal else "seq")
-    config = FreezeConfig(policy="gradnorm", interval_steps=3)
+    config = FreezeConfig(policy="gradnorm", interval_steps=3, **rates)
 
     def trainer_for(model):
         args = training_args(tmp_path, save_strategy="steps", save_steps=1, num_train_epochs=4)
@@ -138,23 +141,32 @@ def test_active_lr_scale_raises_the_rate_of_what_still_trains_by_the_frozen_shar
     assert all(abs(b / a - 4 ** 0.8) < 1e-6 for a, b in zip(rates[0], rates[1]) if a > 0)
 
 
-@pytest.mark.parametrize("rewarm", [False, True])
-def test_active_lr_rewarm_restarts_the_linear_decay_at_each_freeze(tmp_path, rewarm):
+@pytest.mark.parametrize(("rewarm", "scale"), [(False, 1.0), (True, 1.0), (True, 2.0)])
+def test_active_lr_rewarm_restarts_the_linear_decay_at_each_freeze(tmp_path, rewarm, scale):
+    from hf_freeze.freezing import get_layout
+    from hf_freeze.policy import units_of
+
     config = FreezeConfig(policy="schedule", schedule="linear", freeze_start=0.3, freeze_level=0.75, interval=0.1,
-                          active_lr_rewarm=rewarm)
+                          active_lr_rewarm=rewarm, active_lr_scale=scale)
     callback = FreezeCallback(config)
-    trainer = Trainer(model=tiny_model("bert", "seq"), args=training_args(tmp_path, logging_steps=1),
+    model = tiny_model("bert", "seq")
+    units = get_layout(model).num_blocks + 1
+    trainer = Trainer(model=model, args=training_args(tmp_path, logging_steps=1),
                       train_dataset=token_dataset(), data_collator=PadCollator(), callbacks=[callback])
     trainer.train()
-    freezes = [event["step"] for event in callback.timeline]
+    freezes = {event["step"]: event["boundary"] for event in callback.timeline}
     total, peak = trainer.state.max_steps, 1e-3
-    assert len(freezes) >= 2 and 0 < freezes[0] < freezes[1] < total
+    assert len(freezes) >= 2 and 0 < sorted(freezes)[0] < sorted(freezes)[1] < total
     logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
     for step, rate in logged.items():  # the rate step `step` trained with
+        last = max([s for s in freezes if s < step], default=None)
+        # active_lr_scale: the peak of what still trains grows with the frozen share of the units
+        top = peak * scale ** (units_of(freezes[last]) / units) if last is not None else peak
         # re-warmed: a fresh linear decay to zero from the last freeze before it; plain: Trainer's one decay
-        start = max([s for s in freezes if s < step], default=0) if rewarm else 0
-        assert rate == pytest.approx(peak * (total - step + 1) / (total - start), rel=1e-6), step
-    assert (logged[freezes[1] + 1] == pytest.approx(peak)) == rewarm
+        start = last if rewarm and last is not None else 0
+        assert rate == pytest.approx(top * (total - step + 1) / (total - start), rel=1e-6), step
+    second = sorted(freezes)[1]
+    assert (logged[second + 1] == pytest.approx(peak * scale ** (units_of(freezes[second]) / units))) == rewarm
 
 
 def test_boundary_dropout_reaches_a_prefix_frozen_before_training(tmp_path):

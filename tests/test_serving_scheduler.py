@@ -178,6 +178,36 @@ def test_a_row_whose_prefill_raises_fails_alone(monkeypatch):
         assert future.result().token_ids == _own_generate(models[request.model], request)
 
 
+def test_a_finetune_whose_decoding_forward_raises_fails_only_its_rows():
+    """A fine-tune that breaks mid-generation (its forward raises from its third call on) fails its own rows; rows of
+    the base and of another fine-tune decoded in the same steps finish like their own generate."""
+    engine, models = _engine("llama", boundaries=(1, 2))
+    broken, calls = engine.models["k1"].model, []  # the engine serves its own copy
+    forward = broken.forward
+
+    def breaking_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("this fine-tune broke")
+        return forward(*args, **kwargs)
+
+    broken.forward = breaking_forward
+    prompts = random_ids(6, seed=5)
+    requests = [GenerationRequest(ids, model=[None, "k1", "k2"][i % 3], max_new_tokens=6)
+                for i, ids in enumerate(prompts)]
+    scheduler = GenerationScheduler(engine)
+    futures = [scheduler.submit(r) for r in requests]
+    while scheduler.busy:
+        scheduler.step()
+    assert len(calls) == 3  # prefill, one decoding step, then the failure: its rows left the batch
+    for future, request in zip(futures, requests, strict=True):
+        if request.model == "k1":
+            with pytest.raises(RuntimeError, match="broke"):
+                future.result()
+        else:
+            assert future.result().token_ids == _own_generate(models[request.model], request)
+
+
 def test_a_short_request_waits_about_one_decoding_step_behind_a_long_generation():
     engine, _ = _engine("llama", boundaries=(2,))
     batcher = DynamicBatcher(engine, max_wait_ms=1)

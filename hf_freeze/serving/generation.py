@@ -10,7 +10,8 @@ Inputs follow `generate`: left padding, position ids counted over the attention 
 
 Rows join (`extend`: a freshly prefilled batch) and leave (`keep`) between steps. Both rebuild the grouped KV
 caches from per-row keys and values, left-padded to a common length (and trimmed where every row is padding), so
-the per-step forwards stay one per group whatever the membership. Each row samples with transformers' own logits
+the per-step forwards stay one per group whatever the membership. A model whose own forward raises fails only its
+rows (`DecodeBatch.errors`); the shared prefix's forward is one for every row, so its failure is the batch's. Each row samples with transformers' own logits
 processors built from its model's `generation_config` (`RowSampler`), so greedy decoding is token-identical to
 that model's `generate` on the prompt alone.
 
@@ -21,6 +22,7 @@ This module reads the engine's public surface (`models`, `base`, `base_runner`, 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig
 
     from .engine import ServedModel, ServingEngine
+
+logger = logging.getLogger(__name__)
 
 
 class RowSampler:
@@ -140,6 +144,7 @@ class DecodeBatch:
         self.sequences = list(sequences)
         self.device = execution_device(engine.base_layout.embeddings[0])
         self.mask = torch.zeros(len(self.sequences), 0, dtype=torch.long, device=self.device)
+        self.errors: dict[int, Exception] = {}  # the last forward's failed rows (their model's forward raised)
         self._build(None)
 
     def __len__(self) -> int:
@@ -147,11 +152,12 @@ class DecodeBatch:
 
     # ------------------------------------------------------------------------------------------ membership
     def keep(self, rows: list[int]) -> None:
-        """Keep only these rows (finished and cancelled ones leave the batch)."""
-        kv = self._row_kv()
+        """Keep only these rows (finished, failed and cancelled ones leave the batch)."""
+        kv = self._row_kv(rows)  # only the kept rows: a failed model's cache may be half-updated
         self.sequences = [self.sequences[i] for i in rows]
         self.mask = self.mask[rows]
-        self._build([kv[i] for i in rows] if kv is not None else None)
+        self.errors = {}
+        self._build(kv)
 
     def extend(self, other: DecodeBatch) -> None:
         """Add the rows of `other` (prefilled, same engine), left-padding both to a common length."""
@@ -161,12 +167,13 @@ class DecodeBatch:
         self.sequences += other.sequences
         self._build(kv or None)
 
-    def _row_kv(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
-        """Per row, per layer: its keys and values `[heads, tokens, head_dim]` (`None` before the prefill)."""
+    def _row_kv(self, rows: list[int] | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """Per row (all, or `rows`), per layer: its keys and values `[heads, tokens, head_dim]` (`None` before the
+        prefill)."""
         if self.mask.shape[1] == 0:
             return None
-        return [[self._layer_of(i, layer) for layer in range(self.engine.num_blocks)]
-                for i in range(len(self.sequences))]
+        rows = range(len(self.sequences)) if rows is None else rows
+        return [[self._layer_of(i, layer) for layer in range(self.engine.num_blocks)] for i in rows]
 
     def _layer_of(self, i: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._owner(i, layer)
@@ -228,7 +235,12 @@ class DecodeBatch:
     @torch.no_grad()
     def forward(self) -> torch.Tensor:
         """One step for every row: the prompts on the first call (prefill), else each row's last token. Returns the
-        next-token logits `[rows, vocab]` (float32)."""
+        next-token logits `[rows, vocab]` (float32). Rows whose model's forward raised get NaN logits and their error
+        in `self.errors`; they must leave the batch (`keep`) before the next step.
+
+        Raises:
+            `Exception`: the shared prefix's forward failed, or every row's model did.
+        """
         engine, sequences = self.engine, self.sequences
         if self.mask.shape[1] == 0:  # prefill: left-padded prompts
             length = max(len(s.request.input_ids) for s in sequences)
@@ -258,9 +270,17 @@ class DecodeBatch:
                 for row, i in enumerate(rows):
                     states[i] = advanced[row]
         logits = torch.empty(len(sequences), _vocab_size(sequences[0].served.model), device=self.device)
+        self.errors = {}
         for name, rows in self.by_model.items():
-            logits[rows] = _suffix_logits(self.served[name], _rows(step, rows), states, rows,
-                                          self.caches[("model", name)]).to(self.device)
+            try:
+                logits[rows] = _suffix_logits(self.served[name], _rows(step, rows), states, rows,
+                                              self.caches[("model", name)]).to(self.device)
+            except Exception as error:  # one fine-tune's forward: only its rows fail
+                if len(rows) == len(sequences):
+                    raise
+                logger.error("The forward of model %r failed; its %d rows fail.", name, len(rows), exc_info=error)
+                logits[rows] = float("nan")
+                self.errors.update(dict.fromkeys(rows, error))
         self.clock.past = mask.shape[1]
         self.mask = mask
         return logits

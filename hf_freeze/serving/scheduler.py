@@ -10,7 +10,8 @@ A step is one prefill and one decoding forward at most, so whoever calls `step()
 `DynamicBatcher`'s worker does, between its batches) makes that work wait at most one step. One thread steps a
 scheduler; any thread may `submit` or cancel. A row whose sampling
 raises fails alone; a prefill that raises is retried row by row, so that only the row that fails gets the error;
-an error in a decoding forward fails the rows of that forward.
+a fine-tune whose forward raises while decoding fails its own rows only; an error in the shared prefix's forward
+fails every row of that forward.
 
 Example:
     ```python
@@ -143,7 +144,7 @@ class GenerationScheduler:
                     _fail(entry, error)
                 self._running, self._batch = [], None
             else:
-                self._sample(running, logits)
+                self._sample(running, logits, self._batch.errors)
                 self._retire([e for e in running if e.row.finish_reason is not None or e.future.done()])
         if prefilled is not None:
             batch, entries = prefilled
@@ -223,13 +224,16 @@ class GenerationScheduler:
         batch = DecodeBatch(self.engine, [e.row for e in entries])
         with self.engine.lock:
             logits = batch.forward()
-        self._sample(entries, logits)
+        self._sample(entries, logits, batch.errors)
         return batch
 
-    def _sample(self, entries: list[_Entry], logits: torch.Tensor) -> None:
-        """Each row's next token (a row whose sampling raises fails alone), then whether it has finished."""
-        for entry, row_logits in zip(entries, logits):
+    def _sample(self, entries: list[_Entry], logits: torch.Tensor, errors: dict[int, Exception]) -> None:
+        """Each row's next token (a row whose model's forward or sampling raised fails alone), then whether it has
+        finished."""
+        for j, (entry, row_logits) in enumerate(zip(entries, logits)):
             row = entry.row
+            if j in errors:
+                _fail(entry, errors[j])
             if entry.future.done():
                 continue
             try:

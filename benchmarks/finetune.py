@@ -114,7 +114,17 @@ def main() -> None:
         results[method] = json.loads(saved.read_text())
         print({k: v for k, v in results[method].items() if k not in ("evals", "timeline", "step_seconds",
                                                                        "boundaries")}, flush=True)
+    if args.reuse:
+        results.update(other_runs(runs, Path(args.name).name, results))
     report(args, results)
+
+
+def other_runs(runs: Path, name: str, results: dict) -> dict[str, dict]:
+    """The runs of `name` kept in `runs` that `results` lacks, labelled by their file names (`full_epochs1`), so that
+    a summary written under `--reuse` covers every run of its workload and seed, not only this invocation's."""
+    prefix, have = f"{name}_", {method_file_name(method) for method in results}
+    return {saved.stem[len(prefix):]: json.loads(saved.read_text()) for saved in sorted(runs.glob(f"{prefix}*.json"))
+            if saved.stem[len(prefix):] not in have}
 
 
 def method_file_name(method: str) -> str:

@@ -202,6 +202,23 @@ def test_a_one_epoch_full_run_lands_beside_the_protocols_run_not_over_it(tmp_pat
         "rt_seed42_full.json", "rt_seed42_full_epochs1.json", "rt_seed42_full_learning_rate0.0002.json"]
 
 
+def test_a_summary_under_reuse_covers_every_run_of_its_name(tmp_path, monkeypatch):
+    summarized = {}
+
+    def run(command, **kwargs):  # stands in for the per-method subprocess
+        Path(command[command.index("--out") + 1]).write_text(json.dumps({"final": {}}))
+
+    monkeypatch.setattr(finetune.subprocess, "run", run)
+    monkeypatch.setattr(finetune, "report", lambda args, results: summarized.update(results))
+    for name in ("rt_seed42_full", "rt_seed42_cache_gradnorm", "rt_seed420_full", "debates_seed42_full"):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"final": {}, "kept": name}))
+    monkeypatch.setattr(sys, "argv", ["finetune.py", "--runs-dir", str(tmp_path), "--name", "decision/rt_seed42",
+                                      "--reuse", "--methods", "full:epochs=1"])
+    finetune.main()
+    assert sorted(summarized) == ["cache_gradnorm", "full", "full:epochs=1"]  # other seeds and workloads left out
+    assert summarized["cache_gradnorm"]["kept"] == "rt_seed42_cache_gradnorm"
+
+
 def test_the_repeat_runs_ideal_gain_is_what_the_skipped_blocks_cost():
     import serving
 

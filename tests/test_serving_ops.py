@@ -222,6 +222,22 @@ def test_metrics_carry_the_model_as_a_label_and_time_each_phase():
         assert 'model="k1"' not in client.get("/metrics").text
 
 
+def test_generated_tokens_are_counted_per_model_streamed_or_not():
+    base = tiny_model("llama", "causal").eval()
+    engine = ServingEngine(base)
+    engine.add_model("k2", perturbed_finetune("llama", "causal", 2, seed=2, base=base))
+    prompts = random_ids(3, 4)
+    with TestClient(create_app(engine)) as client:
+        answers = client.post("/generate", json={"inputs": prompts[:2], "model": "k2",
+                                                 "parameters": {"max_new_tokens": 5}}).json()
+        with client.stream("POST", "/generate_stream", json={"inputs": prompts[2], "model": "k2",
+                                                              "parameters": {"max_new_tokens": 7}}) as stream:
+            streamed = [line for line in stream.iter_lines() if line.startswith("data:")]
+        samples = _samples(client.get("/metrics").text)
+    generated = sum(len(a["token_ids"]) for a in answers) + len(streamed)
+    assert samples['hf_freeze_model_generated_tokens_total{model="k2"}'] == generated
+
+
 def test_hot_load_and_remove_under_load(server):
     """32 clients send 384 requests to `k1`, the base and `hot2` while `hot2` is loaded and removed again and
     again (and a fine-tune of another base is refused meanwhile): every answer equals its model's own forward, or

@@ -188,6 +188,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         tokens = sum(len(r.input_ids) for r in requests)
         futures = await _offload(tokens <= _INLINE_TOKENS, batcher.submit, task, requests, on_token)
         queued.set(batcher.queued)
+        if task == "generate":  # every route's generations, streamed or not, counted as they end
+            for request, future in zip(requests, futures):
+                future.add_done_callback(lambda done, model=request.model: _count_generated(observed, model, done))
         return futures
 
     async def run(task: str, requests: list[Request], client: HttpRequest | None = None) -> list[Any]:
@@ -279,7 +282,6 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     async def generate(body: schemas.GenerateBody, request: HttpRequest) -> Response:
         requests, single = await generation_requests(body, request)
         results = await run("generate", requests, client=request)  # a client that leaves stops its rows
-        observed.observe_tokens(requests[0].model, "generate", 0, sum(len(r.token_ids) for r in results))
 
         def answer() -> Any:
             answers = [{"generated_text": tokenizer.decode(r.token_ids, skip_special_tokens=True)
@@ -415,6 +417,12 @@ def _encode(tokenizer: Any, text: str, limit: int | None, keep_last: bool) -> li
 # megabyte body or a long text never holds the loop.
 _INLINE_BYTES = 16 * 1024
 _INLINE_TOKENS = 2048
+
+
+def _count_generated(metrics: ServingMetrics, model: str, future: Future) -> None:
+    """A generation's tokens in the model's `generated_tokens` counter, once it ended with an answer."""
+    if not future.cancelled() and future.exception() is None:
+        metrics.observe_tokens(model, "generate", 0, len(future.result().token_ids))
 
 
 async def _offload(inline: bool, fn: Callable[..., Any], *args: Any) -> Any:

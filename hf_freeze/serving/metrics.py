@@ -8,7 +8,7 @@ multi-adapter servers label their adapters) and per phase of a request (where it
 | `hf_freeze_model_requests_total` | model, route, status | requests that named the model (a fan-out counts for each) |
 | `hf_freeze_model_request_duration_seconds` | model, route | their latency |
 | `hf_freeze_model_input_tokens_total` | model, task | input tokens sent to the model |
-| `hf_freeze_model_generated_tokens_total` | model | tokens it generated (`/generate`) |
+| `hf_freeze_model_generated_tokens_total` | model | tokens it generated (every route, streamed or not) |
 | `hf_freeze_model_cache_hits_total`, `..._misses_total` | model | repeated-input cache lookups of its inputs |
 | `hf_freeze_request_phase_seconds` | phase | per input: `tokenize`, `queue`, `batch`, `engine`, `serialize` |
 

@@ -18,9 +18,11 @@ import torch
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .budget import StepCostModel
+from .checkpoint import record_trainer_checkpoint, verify_trainer_checkpoint
 from .config import FreezeConfig
 from .distributed import ParallelModeError, check_parallel_mode
 from .freezing import freeze_prefix, frozen_boundary, frozen_parameters, get_layout
@@ -91,6 +93,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 f"offload_frozen={self.config.offload_frozen!r} is for single-process runs (a model spread with "
                 "`device_map`); under data parallelism every rank holds a full replica. Set offload_frozen='none'."
             )
+        if state.global_step > 0:  # resumed: the checkpoint's files as they were saved, before any step
+            checkpoint = self.resume_checkpoint or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-"
+                                                                                 f"{state.global_step}")
+            if os.path.isdir(checkpoint) and verify_trainer_checkpoint(checkpoint):
+                logger.info("hf_freeze: %s matches the sha256 recorded when it was saved.", checkpoint)
         self._restore(args, state, model, optimizer)
         if self.config.shareable_prefix:
             self._base_prefix = base_prefix_for(model, layout, frozen_boundary(model), self.policy.max_boundary,
@@ -114,6 +121,13 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._maybe_freeze(args, state, control, kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # the sha256 of what a resume reads; FSDP2 ranks write their shards themselves, so only a process that saved
+        # the whole checkpoint records it
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and not self._sharded and os.path.isdir(folder):
+            record_trainer_checkpoint(folder)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self._base_prefix is not None:

@@ -14,7 +14,9 @@ Folder layout (suffix-only): `config.json`, `suffix.safetensors`, `hf_freeze.jso
 
 `hf_freeze.json` records the sha256 of every weight file beside it (suffix-only and full saves); `load_suffix`
 checks them before reading any weights, so a file changed after saving (flipped bytes, a partial download that
-kept its size) is refused by name instead of loading other weights.
+kept its size) is refused by name instead of loading other weights. `FreezeCallback` does the same for
+`Trainer`'s own `checkpoint-N` folders: `record_trainer_checkpoint` on each save, `verify_trainer_checkpoint` on
+resume.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from .offload import materialized_state_dict
 logger = logging.getLogger(__name__)
 
 METADATA_NAME = "hf_freeze.json"
+TRAINER_CHECKSUMS_NAME = "hf_freeze_checksums.json"  # in a Trainer checkpoint-N folder
+_TRAINER_STATE_FILES = ("optimizer.pt", "scheduler.pt")  # what a resumed run reads besides the weights
 _VERIFIED: set[tuple] = set()  # weight files whose sha256 matched, by path, size, mtime, inode and digest
 SUFFIX_WEIGHTS_NAME = "suffix.safetensors"
 FORMAT_VERSION = 1
@@ -291,11 +295,48 @@ def verify_checksums(directory: str | os.PathLike, metadata: FreezeMetadata) -> 
     Raises:
         `CheckpointError`: naming the file that is missing or whose bytes changed, and the fix.
     """
-    for name, expected in metadata.sha256.items():
+    _verify_sha256(directory, metadata.sha256, METADATA_NAME,
+                   "Download it again (or save the model again); nothing was loaded.")
+
+
+def record_trainer_checkpoint(folder: str | os.PathLike) -> Path:
+    """Write the sha256 of a `Trainer` checkpoint's weight, optimizer and scheduler files into
+    `folder/hf_freeze_checksums.json` (atomically), for `verify_trainer_checkpoint` to check on resume."""
+    folder = Path(folder)
+    names = sorted(p.name for p in folder.iterdir() if _is_weight_file(p.name) or p.name in _TRAINER_STATE_FILES)
+    path = folder / TRAINER_CHECKSUMS_NAME
+    write_text_atomic(path, json.dumps({"sha256": {name: _sha256(folder / name) for name in names}}, indent=2))
+    return path
+
+
+def verify_trainer_checkpoint(folder: str | os.PathLike) -> bool:
+    """Check a `Trainer` checkpoint's files against the sha256 `record_trainer_checkpoint` wrote; `False` when the
+    folder has no record (saved without hf_freeze, or by an older version).
+
+    Raises:
+        `CheckpointError`: a recorded file is missing or its bytes changed (named, with the fix), or the record is
+            unreadable.
+    """
+    path = Path(folder) / TRAINER_CHECKSUMS_NAME
+    if not path.is_file():
+        return False
+    try:
+        recorded = json.loads(path.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error}); delete it to resume without the check.") from None
+    _verify_sha256(folder, recorded, TRAINER_CHECKSUMS_NAME,
+                   "Resume from an earlier checkpoint (or delete the damaged one); training stopped before its "
+                   "first step.")
+    return True
+
+
+def _verify_sha256(directory: str | os.PathLike, sha256: dict[str, str], record: str, fix: str) -> None:
+    """Each file of `sha256` (`{name: digest}`, as `record` lists them) exists in `directory` with that digest."""
+    for name, expected in sha256.items():
         path = Path(directory) / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing, but {METADATA_NAME} lists it among the saved weights: the "
-                                  "folder is incomplete. Download it again (or save the model again).")
+            raise CheckpointError(f"{path} is missing, but {record} lists it among the saved files: the folder is "
+                                  f"incomplete. {fix}")
         stat = path.stat()
         seen = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, expected)
         if seen in _VERIFIED:  # checked in this process and not rewritten since (a command checks, then loads)
@@ -305,9 +346,8 @@ def verify_checksums(directory: str | os.PathLike, metadata: FreezeMetadata) -> 
             _VERIFIED.add(seen)
         else:
             raise CheckpointError(
-                f"{path} is corrupt: its sha256 is {actual}, but {METADATA_NAME} recorded {expected} when it was "
-                "saved (the file was truncated or changed after saving, or a download was damaged). Download it "
-                "again (or save the model again); nothing was loaded."
+                f"{path} is corrupt: its sha256 is {actual}, but {record} recorded {expected} when it was saved "
+                f"(the file was truncated or changed after saving, or a download was damaged). {fix}"
             )
 
 

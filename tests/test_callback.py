@@ -1,5 +1,7 @@
 """FreezeCallback inside a plain transformers.Trainer."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -86,6 +88,29 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, family, head, rate
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_a_resume_refuses_a_checkpoint_whose_files_changed_after_saving(tmp_path):
+    from hf_freeze.checkpoint import TRAINER_CHECKSUMS_NAME, CheckpointError
+
+    def trainer_for():
+        args = training_args(tmp_path, save_strategy="steps", save_steps=2, num_train_epochs=1)
+        return Trainer(model=tiny_model("bert", "seq"), args=args, train_dataset=token_dataset(size=32),
+                       data_collator=PadCollator(), callbacks=[FreezeCallback(FreezeConfig(policy="fixed", boundary=1))])
+
+    trainer_for().train()
+    checkpoint = tmp_path / "checkpoint-2"
+    recorded = json.loads((checkpoint / TRAINER_CHECKSUMS_NAME).read_text())["sha256"]
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt"} <= set(recorded)
+    trainer_for().train(resume_from_checkpoint=str(checkpoint))  # intact: resumes
+    weights = checkpoint / "model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-1] ^= 1  # one bit of the last tensor: safetensors still loads it
+    weights.write_bytes(bytes(damaged))
+    resumed = trainer_for()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt.*earlier checkpoint"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 2  # refused before its first step
 
 
 def freeze_callback(trainer):

@@ -5,6 +5,7 @@ and a load test that hot-loads and removes a fine-tune while 32 clients send req
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -91,6 +92,9 @@ def test_hot_load_and_remove_with_the_admin_token(server):
     body = {"name": "hot", "path": str(root / "hot")}
     _error(httpx.post(f"{url}/admin/models", json=body), 401, "unauthorized", "Bearer")
     _error(httpx.post(f"{url}/admin/models", json=body, headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
+    huge = json.dumps({"name": "x", "path": "p" * (2 << 20)})  # over the server's 1 MiB bound on every body
+    _error(httpx.post(f"{url}/admin/models", content=huge, headers={**AUTH, "Content-Type": "application/json"}),
+           413, "payload_too_large")
     _error(httpx.post(f"{url}/predict", json={"inputs": ids[0], "model": "hot"}), 404, "unknown_model")
 
     loaded = httpx.post(f"{url}/admin/models", json=body, headers=AUTH)

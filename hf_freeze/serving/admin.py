@@ -32,6 +32,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from .engine import ServingEngine
@@ -111,11 +112,11 @@ def admin_token(explicit: str | None = None) -> str | None:
     return token or None
 
 
-def admin_router(engine: ServingEngine, token: str | None,
-                 on_removed: Callable[[str], None] | None = None) -> APIRouter:
+def admin_router(engine: ServingEngine, token: str | None, on_removed: Callable[[str], None] | None = None,
+                 route_class: type[APIRoute] = APIRoute) -> APIRouter:
     """The admin routes over `engine` (see the module docstring); `on_removed(name)` runs after a removal (the
-    metrics drop the model's series)."""
-    errors = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422)}
+    metrics drop the model's series); `route_class`: the app's (bodies bounded in bytes, as on every route)."""
+    errors = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 415, 422)}
     # vLLM's aliases live under /v1, where every error has OpenAI's shape (openai.OpenAIErrors)
     openai_errors = {status: {"model": OpenAIErrorBody} for status in errors}
 
@@ -129,7 +130,7 @@ def admin_router(engine: ServingEngine, token: str | None,
         if not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise ForbiddenError("Wrong admin token.")
 
-    router = APIRouter(dependencies=[Depends(authorize)], responses=errors, tags=["admin"])
+    router = APIRouter(dependencies=[Depends(authorize)], responses=errors, tags=["admin"], route_class=route_class)
 
     async def load(name: str, path: str) -> JSONResponse:
         if name in engine.models:

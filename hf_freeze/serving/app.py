@@ -146,7 +146,8 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     app.router.route_class = _json_route(max_body_bytes)
     app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, observed
     _add_error_handlers(app)
-    app.include_router(admin_router(engine, admin_token, on_removed=observed.forget))
+    app.include_router(admin_router(engine, admin_token, on_removed=observed.forget,
+                                    route_class=app.router.route_class))
 
     @app.middleware("http")
     async def measure(request: HttpRequest, call_next):

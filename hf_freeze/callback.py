@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .budget import StepCostModel
@@ -124,9 +124,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # the sha256 of what a resume reads; FSDP2 ranks write their shards themselves, so only a process that saved
-        # the whole checkpoint records it
+        # the whole checkpoint records it; a checkpoint being pushed is uploading while this would write into it
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.is_world_process_zero and not self._sharded and os.path.isdir(folder):
+        pushed = args.push_to_hub and args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
+        if state.is_world_process_zero and not self._sharded and not pushed and os.path.isdir(folder):
             record_trainer_checkpoint(folder)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

@@ -325,8 +325,9 @@ def verify_trainer_checkpoint(folder: str | os.PathLike) -> bool:
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path} is unreadable ({error}); delete it to resume without the check.") from None
     _verify_sha256(folder, recorded, TRAINER_CHECKSUMS_NAME,
-                   "Resume from an earlier checkpoint (or delete the damaged one); training stopped before its "
-                   "first step.")
+                   f"Resume from an earlier checkpoint; training stopped before its first step. (If this folder was "
+                   f"saved again over an older run's and the record is the older one's, delete {path} to resume "
+                   f"unchecked.)")
     return True
 
 

@@ -35,7 +35,7 @@ from .cache.keys import INDEX_COLUMN, ExampleIndexCollator, add_example_index
 from .cache.runner import PrefixRunner
 from .cache.store import PrefixCache
 from .callback import FreezeCallback
-from .checkpoint import FreezeMetadata, full_metadata, state_dict_for_save, write_metadata
+from .checkpoint import FreezeMetadata, full_metadata, state_dict_for_save, verify_trainer_checkpoint, write_metadata
 from .config import FreezeConfig
 from .distributed import ActiveBlocksDDP, RankStableSampler, check_cache_world
 from .freezing import freeze_prefix, frozen_boundary, get_layout
@@ -100,11 +100,14 @@ class FreezeTrainer(Trainer):
         raise RuntimeError("FreezeTrainer lost its FreezeCallback: do not remove it from the callbacks.")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        """`Trainer.train`; also tells the freeze callback which checkpoint it resumes from."""
+        """`Trainer.train`; also tells the freeze callback which checkpoint it resumes from, and checks that
+        checkpoint's files against the sha256 recorded when it was saved before anything is loaded."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        if self._resume_checkpoint is not None and os.path.isdir(self._resume_checkpoint):
+            verify_trainer_checkpoint(self._resume_checkpoint)  # a truncated file is named, not a loader's error
         self.freeze_callback.resume_checkpoint = self._resume_checkpoint
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -95,8 +95,9 @@ def test_a_resume_refuses_a_checkpoint_whose_files_changed_after_saving(tmp_path
 
     def trainer_for():
         args = training_args(tmp_path, save_strategy="steps", save_steps=2, num_train_epochs=1)
+        callback = FreezeCallback(FreezeConfig(policy="fixed", boundary=1))
         return Trainer(model=tiny_model("bert", "seq"), args=args, train_dataset=token_dataset(size=32),
-                       data_collator=PadCollator(), callbacks=[FreezeCallback(FreezeConfig(policy="fixed", boundary=1))])
+                       data_collator=PadCollator(), callbacks=[callback])
 
     trainer_for().train()
     checkpoint = tmp_path / "checkpoint-2"

@@ -92,6 +92,7 @@ def test_hot_load_and_remove_with_the_admin_token(server):
     body = {"name": "hot", "path": str(root / "hot")}
     _error(httpx.post(f"{url}/admin/models", json=body), 401, "unauthorized", "Bearer")
     _error(httpx.post(f"{url}/admin/models", json=body, headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
+    _error(httpx.post(f"{url}/admin/models", json={"name": 5}), 401, "unauthorized")  # the token before the body
     huge = json.dumps({"name": "x", "path": "p" * (2 << 20)})  # over the server's 1 MiB bound on every body
     _error(httpx.post(f"{url}/admin/models", content=huge, headers={**AUTH, "Content-Type": "application/json"}),
            413, "payload_too_large")
@@ -237,9 +238,12 @@ def test_generated_tokens_are_counted_per_model_streamed_or_not():
         with client.stream("POST", "/generate_stream", json={"inputs": prompts[2], "model": "k2",
                                                               "parameters": {"max_new_tokens": 7}}) as stream:
             streamed = [line for line in stream.iter_lines() if line.startswith("data:")]
+        completion = client.post("/v1/completions", json={"prompt": prompts[0], "model": "k2", "max_tokens": 4}).json()
         samples = _samples(client.get("/metrics").text)
-    generated = sum(len(a["token_ids"]) for a in answers) + len(streamed)
+    generated = sum(len(a["token_ids"]) for a in answers) + len(streamed) + completion["usage"]["completion_tokens"]
     assert samples['hf_freeze_model_generated_tokens_total{model="k2"}'] == generated
+    prompted = sum(map(len, prompts)) + len(prompts[0])  # each prompt once, the completion's included
+    assert samples['hf_freeze_model_input_tokens_total{model="k2",task="generate"}'] == prompted
 
 
 def test_hot_load_and_remove_under_load(server):

@@ -179,19 +179,18 @@ def test_a_row_whose_prefill_raises_fails_alone(monkeypatch):
 
 
 def test_a_finetune_whose_decoding_forward_raises_fails_only_its_rows():
-    """A fine-tune that breaks mid-generation (its forward raises from its third call on) fails its own rows; rows of
-    the base and of another fine-tune decoded in the same steps finish like their own generate."""
+    """A fine-tune that breaks mid-generation (its last block raises from its third call on, after the blocks below
+    it wrote their KV caches) fails its own rows; rows of the base and of another fine-tune decoded in the same steps
+    finish like their own generate."""
     engine, models = _engine("llama", boundaries=(1, 2))
     broken, calls = engine.models["k1"].model, []  # the engine serves its own copy
-    forward = broken.forward
 
-    def breaking_forward(*args, **kwargs):
+    def breaking_block(module, args, kwargs):
         calls.append(1)
         if len(calls) > 2:
             raise RuntimeError("this fine-tune broke")
-        return forward(*args, **kwargs)
 
-    broken.forward = breaking_forward
+    get_layout(broken).blocks[-1].register_forward_pre_hook(breaking_block, with_kwargs=True)
     prompts = random_ids(6, seed=5)
     requests = [GenerationRequest(ids, model=[None, "k1", "k2"][i % 3], max_new_tokens=6)
                 for i, ids in enumerate(prompts)]
@@ -206,6 +205,31 @@ def test_a_finetune_whose_decoding_forward_raises_fails_only_its_rows():
                 future.result()
         else:
             assert future.result().token_ids == _own_generate(models[request.model], request)
+
+
+def test_a_row_that_breaks_its_models_prefill_fails_alone_in_a_mixed_batch():
+    """A fine-tune whose prefill raises on one prompt, in a prefill batch that mixes models: that prompt's request
+    fails, and the fine-tune's other rows prefilled with it (run again alone) and the base's rows finish."""
+    engine, models = _engine("llama", boundaries=(2,))
+    poison = [9, 9, 9]
+
+    def refuse_poison(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1 and any(row[-3:].tolist() == poison for row in ids):
+            raise RuntimeError("this prompt breaks the fine-tune")
+
+    engine.models["k2"].model.register_forward_pre_hook(refuse_poison, with_kwargs=True)
+    names = ["k2", None]
+    good = [GenerationRequest(ids, model=names[i % 2], max_new_tokens=5) for i, ids in enumerate(random_ids(4, 6))]
+    requests = [*good[:2], GenerationRequest([5, *poison], model="k2", max_new_tokens=5), *good[2:]]
+    scheduler = GenerationScheduler(engine)
+    futures = [scheduler.submit(r) for r in requests]
+    while scheduler.busy:
+        scheduler.step()
+    with pytest.raises(RuntimeError, match="breaks the fine-tune"):
+        futures[2].result()
+    for future, request in zip(futures[:2] + futures[3:], good, strict=True):
+        assert future.result().token_ids == _own_generate(models[request.model], request)
 
 
 def test_a_short_request_waits_about_one_decoding_step_behind_a_long_generation():

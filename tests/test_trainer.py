@@ -112,6 +112,21 @@ def test_freeze_and_cache_metrics_reach_reporting_integrations(tmp_path):
     assert any(logs.get("cache/hits", 0) > 0 for logs in recorder.logs)
 
 
+def test_a_resume_names_a_truncated_checkpoint_file_before_loading_it(tmp_path):
+    from hf_freeze.checkpoint import CheckpointError
+
+    def trainer_for():
+        args = training_args(tmp_path, save_strategy="steps", save_steps=2, num_train_epochs=1)
+        return FreezeTrainer(model=tiny_model("bert", "seq"), args=args, train_dataset=token_dataset(size=32),
+                             data_collator=PadCollator(), freeze_config=FreezeConfig(policy="fixed", boundary=1))
+
+    trainer_for().train()  # 4 steps: checkpoint-2 and checkpoint-4
+    optimizer = tmp_path / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # torch.load would fail on it with its own error
+    with pytest.raises(CheckpointError, match=r"checkpoint-4/optimizer\.pt is corrupt"):
+        trainer_for().train(resume_from_checkpoint=True)  # True: the last checkpoint
+
+
 def test_resume_with_an_existing_disk_cache(tmp_path):
     data = token_dataset(size=40)
     config = FreezeConfig(**SCHEDULE, cache="on", cache_dir=str(tmp_path / "cache"))

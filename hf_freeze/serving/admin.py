@@ -115,8 +115,8 @@ def admin_token(explicit: str | None = None) -> str | None:
 def admin_router(engine: ServingEngine, token: str | None, on_removed: Callable[[str], None] | None = None,
                  route_class: type[APIRoute] = APIRoute) -> APIRouter:
     """The admin routes over `engine` (see the module docstring); `on_removed(name)` runs after a removal (the
-    metrics drop the model's series); `route_class`: the app's (bodies bounded in bytes, as on every route)."""
-    errors = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 415, 422)}
+    metrics drop the model's series); `route_class`: one that bounds bodies in bytes, as on every route."""
+    errors = {status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 422)}
     # vLLM's aliases live under /v1, where every error has OpenAI's shape (openai.OpenAIErrors)
     openai_errors = {status: {"model": OpenAIErrorBody} for status in errors}
 

@@ -146,8 +146,9 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
     app.router.route_class = _json_route(max_body_bytes)
     app.state.engine, app.state.batcher, app.state.metrics = engine, batcher, observed
     _add_error_handlers(app)
+    # bodies bounded in bytes, but the token checked before a body is validated
     app.include_router(admin_router(engine, admin_token, on_removed=observed.forget,
-                                    route_class=app.router.route_class))
+                                    route_class=_json_route(max_body_bytes, validate=False)))
 
     @app.middleware("http")
     async def measure(request: HttpRequest, call_next):
@@ -210,10 +211,11 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         finally:
             watcher.cancel()
 
-    async def parse(body: Any, task: str, client: HttpRequest, new_tokens: int = 0
+    async def parse(body: Any, task: str, client: HttpRequest, new_tokens: int = 0, count: bool = True
                     ) -> tuple[list[ServedModel], list[list[int]], bool]:
         """The served models `body` names for `task` (`model`, or a fan-out's `models`), its inputs as token ids,
-        and whether it sent one."""
+        and whether it sent one; `count`: add them to the models' input-token counters (`False` where the same
+        inputs are parsed again)."""
         served = fanout_models(engine, body, task)
         client.state.models = [m.name for m in served]
         limits = [m.max_input_tokens for m in served if m.max_input_tokens]
@@ -226,7 +228,7 @@ def create_app(engine: ServingEngine, *, tokenizer: Any = None, max_wait_ms: flo
         ids, single = await _offload(size <= _INLINE_TOKENS, token_lists, body.inputs, body.truncate, limit,
                                      task == "generate")
         observed.observe_phase("tokenize", time.perf_counter() - started)
-        for m in served:
+        for m in served if count else ():
             observed.observe_tokens(m.name, task, sum(map(len, ids)))
         return served, ids, single
 
@@ -511,9 +513,10 @@ def _describe(errors: Any) -> str:
     return "Invalid request body: " + "; ".join(by_field.values()) + ". See /docs for the schema."
 
 
-def _json_route(max_body_bytes: int) -> type[APIRoute]:
-    """Routes whose JSON body is read within `max_body_bytes` (413 beyond), then parsed and validated against
-    the route's pydantic model in a worker thread (pydantic's parser also bounds nesting depth)."""
+def _json_route(max_body_bytes: int, validate: bool = True) -> type[APIRoute]:
+    """Routes whose JSON body is read within `max_body_bytes` (413 beyond), then (with `validate`) parsed and
+    validated against the route's pydantic model in a worker thread (pydantic's parser also bounds nesting depth);
+    without, FastAPI validates it after the route's dependencies ran (the admin token first)."""
 
     class JsonRoute(APIRoute):
         def get_route_handler(self) -> Callable:
@@ -525,10 +528,12 @@ def _json_route(max_body_bytes: int) -> type[APIRoute]:
 
             async def bounded(request: HttpRequest) -> Response:
                 kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-                if kind != "application/json" and not kind.endswith("+json"):
+                if validate and kind != "application/json" and not kind.endswith("+json"):
                     raise HTTPException(415, f"The body must be JSON (Content-Type: application/json), got {kind}.")
                 raw = await _read_body(request, max_body_bytes)
                 request._body = raw  # what FastAPI reads next
+                if not validate:
+                    return await handler(request)
                 try:
                     request._json = await _offload(len(raw) <= _INLINE_BYTES, model.model_validate_json, raw)
                 except ValidationError as error:

@@ -24,9 +24,10 @@ class RouteContext:
     Attributes:
         engine (`ServingEngine`): base and fine-tunes.
         tokenizer: the base's tokenizer, or `None` (token ids only).
-        parse: `await parse(body, task, client)` -> (served models, inputs as token ids, whether one input was
-            sent), for a body with `inputs`, `model` (or a fan-out's `models`) and `truncate` (the native schemas);
-            `client` is the HTTP request (its models label the metrics).
+        parse: `await parse(body, task, client, count=True)` -> (served models, inputs as token ids, whether one
+            input was sent), for a body with `inputs`, `model` (or a fan-out's `models`) and `truncate` (the native
+            schemas); `client` is the HTTP request (its models label the metrics); `count=False` for inputs parsed
+            again later (their tokens are counted then).
         run: `await run(task, requests, client=None)` -> the engine's answers (cancelled if `client` leaves).
         generation_requests: `await generation_requests(schemas.GenerateBody, client)` -> (requests, single).
         start_stream: `await start_stream(schemas.GenerateBody, client)` -> (future, event queue) of one streamed

@@ -10,10 +10,10 @@ Inputs follow `generate`: left padding, position ids counted over the attention 
 
 Rows join (`extend`: a freshly prefilled batch) and leave (`keep`) between steps. Both rebuild the grouped KV
 caches from per-row keys and values, left-padded to a common length (and trimmed where every row is padding), so
-the per-step forwards stay one per group whatever the membership. A model whose own forward raises fails only its
-rows (`DecodeBatch.errors`); the shared prefix's forward is one for every row, so its failure is the batch's. Each row samples with transformers' own logits
+the per-step forwards stay one per group whatever the membership. Each row samples with transformers' own logits
 processors built from its model's `generation_config` (`RowSampler`), so greedy decoding is token-identical to
-that model's `generate` on the prompt alone.
+that model's `generate` on the prompt alone. A model whose own forward raises fails only its rows
+(`DecodeBatch.errors`); the shared prefix's forward is one for every row, so its failure is the batch's.
 
 This module reads the engine's public surface (`models`, `base`, `base_runner`, `base_layout`, `num_blocks`,
 `ServedModel.shares_prefix`); the engine never imports it.
@@ -239,7 +239,7 @@ class DecodeBatch:
         in `self.errors`; they must leave the batch (`keep`) before the next step.
 
         Raises:
-            `Exception`: the shared prefix's forward failed, or every row's model did.
+            `Exception`: the shared prefix's forward failed, or the forward of the one model every row uses.
         """
         engine, sequences = self.engine, self.sequences
         if self.mask.shape[1] == 0:  # prefill: left-padded prompts

@@ -197,7 +197,7 @@ async def _generate(context: RouteContext, body: RootBody, params: TGIParameters
         stop_token_ids=[])
     native = schemas.GenerateBody.model_construct(inputs=body.inputs, model=name, parameters=parameters,
                                                   truncate=False)
-    _, ids, single = await context.parse(native, "generate", request)
+    _, ids, single = await context.parse(native, "generate", request, count=False)  # counted when queued
     if params.truncate is not None:  # TGI's truncate: the prompt's last tokens
         ids = [i[-params.truncate:] for i in ids]
     native.inputs = ids[0] if single else ids

@@ -105,7 +105,7 @@ async def _complete(context: RouteContext, body: CompletionBody | ChatBody, inpu
             "model": body.model}
     tokenizer = context.tokenizer
     # tokenized once: the prompts' lengths are the usage
-    _, ids, single = await context.parse(native, "generate", request)
+    _, ids, single = await context.parse(native, "generate", request, count=False)  # counted when queued
     native.inputs = ids[0] if single else ids
     if body.stream:
         if not single:

@@ -94,8 +94,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
                 "`device_map`); under data parallelism every rank holds a full replica. Set offload_frozen='none'."
             )
         if state.global_step > 0:  # resumed: the checkpoint's files as they were saved, before any step
-            checkpoint = self.resume_checkpoint or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-"
-                                                                                 f"{state.global_step}")
+            checkpoint = self._resumed_folder(args, state)
             if os.path.isdir(checkpoint) and verify_trainer_checkpoint(checkpoint):
                 logger.info("hf_freeze: %s matches the sha256 recorded when it was saved.", checkpoint)
         self._restore(args, state, model, optimizer)
@@ -125,7 +124,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # the sha256 of what a resume reads; FSDP2 ranks write their shards themselves, so only a process that saved
         # the whole checkpoint records it; a checkpoint being pushed is uploading while this would write into it
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = _checkpoint_folder(args, state.global_step)
         pushed = args.push_to_hub and args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS)
         if state.is_world_process_zero and not self._sharded and not pushed and os.path.isdir(folder):
             record_trainer_checkpoint(folder)
@@ -161,6 +160,10 @@ class FreezeCallback(TrainerCallback, ExportableState):
 
     # ---- internals ----
 
+    def _resumed_folder(self, args: TrainingArguments, state: TrainerState) -> str:
+        """The checkpoint a resumed run loaded: the one FreezeTrainer was given, else Trainer's folder of that step."""
+        return self.resume_checkpoint or _checkpoint_folder(args, state.global_step)
+
     def _restore(self, args: TrainingArguments, state: TrainerState, model: torch.nn.Module, optimizer) -> None:
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, list):
@@ -177,7 +180,7 @@ class FreezeCallback(TrainerCallback, ExportableState):
             if result.untied:
                 # The resumed model was built tied, so loading the checkpoint wrote two different tensors into one
                 # parameter; now that it is untied again, read both sides back from the checkpoint.
-                checkpoint = self.resume_checkpoint or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                checkpoint = self._resumed_folder(args, state)
                 names = [n for n, p in model.named_parameters() if not p.requires_grad] + list(result.untied)
                 reload_parameters(model, checkpoint, names)
 
@@ -276,6 +279,11 @@ class FreezeCallback(TrainerCallback, ExportableState):
             "hf_freeze: step %d (epoch %.2f): froze the embeddings and blocks [0, %d) (was %s): %s",
             progress.step, progress.epoch, result.boundary, previous, decision.reason,
         )
+
+
+def _checkpoint_folder(args: TrainingArguments, step: int) -> str:
+    """Where `Trainer` saves the checkpoint of `step`."""
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
 def reload_parameters(model: torch.nn.Module, checkpoint: str, names: list[str]) -> None:

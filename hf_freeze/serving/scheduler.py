@@ -224,7 +224,7 @@ class GenerationScheduler:
         batch = DecodeBatch(self.engine, [e.row for e in entries])
         with self.engine.lock:
             logits = batch.forward()
-        if batch.errors and len(entries) > 1:  # which row broke its model's forward: `_prefill` tries each alone
+        if batch.errors:  # which row broke its model's forward? `_prefill` tries each alone
             raise next(iter(batch.errors.values()))
         self._sample(entries, logits, batch.errors)
         return batch

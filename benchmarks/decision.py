@@ -58,6 +58,9 @@ LABELS = {
     "cache_budget_target_speedup3.0_budget_planramp": "budget 3x, ramp",
     "cache_budget_target_speedup3.0_budget_planramp_boundary_dropout0.1": "budget 3x, ramp + boundary dropout 0.1",
     "cache_gradnorm_shareable_prefixtrue": "default + shareable_prefix (the base's prefix restored at each freeze)",
+    "cache_gradnorm_shareable_prefixtrue_active_lr_rewarmtrue": "default + shareable_prefix + active_lr_rewarm",
+    "cache_gradnorm_shareable_prefixtrue_learning_rate0.0002": "default + shareable_prefix at the best full rate "
+                                                               "(2e-4)",
     "cache_gradnorm_active_lr_scale3.0": "new: default + active_lr_scale 3",
     "cache_gradnorm_active_lr_rewarmtrue": "new: default + active_lr_rewarm",
     "cache_gradnorm_learning_rate0.0002": "new: default at the best full rate (2e-4)",

@@ -8,9 +8,10 @@
 #
 # Stages: frontier (full fine-tuning at 1 and 2 epochs with their own schedule, and at the protocol's epochs with
 # learning rates 1e-4 and 2e-4, on every workload and seed), speeches (the convention-speeches workload's protocol
-# at its 10 epochs), shareable (the default policy with `shareable_prefix=true` beside the plain one), approaches (the
-# approaches aimed at the frontier: the default with larger or re-warmed steps for what still trains, and freezing
-# at the workload's best full fine-tuning rate where the frontier stage has found one). WORKLOADS picks workloads.
+# at its 10 epochs), shareable (the default policy with `shareable_prefix=true` beside the plain one: alone, with
+# the active blocks' rate re-warmed after each restore, and at the tuned rate), approaches (the approaches aimed at
+# the frontier: the default with larger or re-warmed steps for what still trains, and freezing at the workload's
+# best full fine-tuning rate where the frontier stage has found one). WORKLOADS picks workloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -56,7 +57,11 @@ for seed in $SEEDS; do
   fi
   if [[ " $STAGES " == *" shareable "* ]]; then
     for workload in $WORKLOADS; do
-      run "$workload" "$seed" cache:gradnorm cache:gradnorm:shareable_prefix=true
+      rate=${BEST_RATE[$workload]:-}
+      tuned=()
+      [[ -n $rate ]] && tuned=("cache:gradnorm:shareable_prefix=true,learning_rate=$rate")
+      run "$workload" "$seed" cache:gradnorm cache:gradnorm:shareable_prefix=true \
+          cache:gradnorm:shareable_prefix=true,active_lr_rewarm=true "${tuned[@]}"
     done
   fi
   if [[ " $STAGES " == *" approaches "* ]]; then
